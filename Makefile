@@ -1,0 +1,44 @@
+# q2lab developer entry points.  `make demo` and `make test` work on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# CPU machines get the CPU build of torch; GPU machines (nvidia-smi present) keep pip's default build.
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4" || echo "torch==2.13.0")
+# The staged data sets (see ../shared/data/SOURCES.md); override with Q2LAB_DATA=/path.
+export Q2LAB_DATA ?= $(abspath ../shared/data)
+STUDY ?= examples/quickstart.yaml
+OUT ?= runs/quickstart
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/q2lab study $(STUDY) --out $(OUT)
+	@echo "report: $(OUT)/report.md  (plots: $(OUT)/pareto.png, records: $(OUT)/results.jsonl)"
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -q -m "not integration and not slow" $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check q2lab tests benchmarks
+	$(VENV)/bin/ruff format --check q2lab tests benchmarks
+
+bench: install
+	$(PY) benchmarks/gptq_speed.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
