@@ -1,0 +1,3 @@
+"""Imports every built-in method module so that each registers itself by name."""
+
+from q2lab.quant import gptq, rtn  # noqa: F401

@@ -1,0 +1,163 @@
+"""Model-level quantization: every linear of every decoder block → :class:`QuantLinear`.
+
+Works in place, block by block: each block's Hessians are read from the shared store, its
+linears are quantized (those reading the same input together, see
+:meth:`Quantizer.quantize_many`), and each float ``nn.Linear`` is replaced and freed before
+the next, so peak memory is the model plus one block's work.  Embeddings and ``lm_head``
+stay in float; the report says so and counts them separately.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from q2lab.calib.hessian import Hessian
+from q2lab.calib.store import HessianStore
+from q2lab.errors import ConfigError
+from q2lab.models.arch import find_decoder
+from q2lab.quant.base import MethodConfig, QuantizedTensor, get_quantizer
+from q2lab.quant.linear import QuantLinear
+from q2lab.utils.progress import progress
+
+
+@dataclass
+class LayerReport:
+    name: str
+    shape: tuple[int, int]
+    bits: int
+    bpw: float
+    seconds: float
+    proxy_rel: float | None  # tr(E H Eᵀ) / tr(W H Wᵀ): relative output error on calibration inputs
+
+
+@dataclass
+class QuantReport:
+    method: str
+    config: dict[str, Any]
+    layers: list[LayerReport] = field(default_factory=list)
+    seconds: float = 0.0
+    float_params: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def quantized_params(self) -> int:
+        return sum(lr.shape[0] * lr.shape[1] for lr in self.layers)
+
+    @property
+    def bits(self) -> int:
+        return sum(lr.bits for lr in self.layers)
+
+    @property
+    def bpw(self) -> float:
+        """Exact bits per weight over the quantized linears."""
+        return self.bits / max(self.quantized_params, 1)
+
+    def to_dict(self, per_layer: bool = False) -> dict[str, Any]:
+        d = {
+            "method": self.method,
+            "config": self.config,
+            "bpw": self.bpw,
+            "bits": self.bits,
+            "quantized_params": self.quantized_params,
+            "float_params": self.float_params,
+            "quantized_fraction": self.quantized_params / max(self.quantized_params + self.float_params, 1),
+            "seconds": round(self.seconds, 3),
+            "notes": self.notes,
+            "proxy_rel_mean": _mean([lr.proxy_rel for lr in self.layers]),
+        }
+        if per_layer:
+            d["layers"] = [dataclasses.asdict(lr) for lr in self.layers]
+        return d
+
+
+def _mean(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def proxy_rel(weight: torch.Tensor, deq: torch.Tensor, hessian: Hessian) -> float:
+    """tr((W−Q) H (W−Q)ᵀ) / tr(W H Wᵀ), the layer-output error GPTQ-style methods minimise."""
+    h = hessian.mean(torch.float64).to(weight.device)
+    w = weight.double()
+    e = w - deq.double()
+    den = float(((w @ h) * w).sum())
+    return float(((e @ h) * e).sum()) / den if den > 0 else 0.0
+
+
+def _selected(name: str, skip: list[str]) -> bool:
+    return not any(re.search(p, name) for p in skip)
+
+
+def quantize_model(
+    model: nn.Module,
+    method: str,
+    cfg: MethodConfig,
+    store: HessianStore | None = None,
+    *,
+    skip: list[str] | None = None,
+    cache_weight: bool = True,
+) -> QuantReport:
+    """Quantize ``model``'s decoder linears in place with ``method``; returns the report."""
+    quantizer = get_quantizer(method)
+    if quantizer.needs_hessian and store is None:
+        raise ConfigError(
+            f"method {quantizer.name} needs calibration Hessians: calibrate first (q2lab calibrate) "
+            "or give the study a calibration section"
+        )
+    skip = list(skip or [])
+    layout = find_decoder(model)
+    report = QuantReport(quantizer.name, cfg.to_dict())
+    t_start = time.time()
+    for b in progress(range(len(layout)), f"quantize {quantizer.name}", len(layout), unit="block"):
+        linears = {
+            n: m for n, m in layout.block_linears(b).items() if _selected(layout.full_name(b, n), skip)
+        }
+        for group in _input_groups(layout, b, linears, store):
+            _quantize_group(model, layout, b, group, linears, quantizer, cfg, store, report, cache_weight)
+    report.seconds = time.time() - t_start
+    quantized = {id(m) for m in model.modules() if isinstance(m, QuantLinear)}
+    report.float_params = sum(
+        p.numel() for m in model.modules() if id(m) not in quantized for p in m.parameters(recurse=False)
+    )
+    report.notes.append("embeddings, norms and lm_head kept in float")
+    if skip:
+        report.notes.append(f"kept in float by skip patterns: {skip}")
+    return report
+
+
+def _input_groups(
+    layout, b: int, linears: dict[str, nn.Linear], store: HessianStore | None
+) -> list[list[str]]:
+    """Linears of block ``b`` grouped by shared input (from the store), else one per group."""
+    if store is None:
+        return [[n] for n in linears]
+    groups: dict[str, list[str]] = {}
+    for n in linears:
+        entry = store.linears.get(layout.full_name(b, n))
+        groups.setdefault(entry["tensor"] if entry else n, []).append(n)
+    return list(groups.values())
+
+
+def _quantize_group(model, layout, b, names, linears, quantizer, cfg, store, report, cache_weight) -> None:
+    t0 = time.time()
+    hessian = store.hessian(layout.full_name(b, names[0])) if store is not None else None
+    weights = [linears[n].weight.detach() for n in names]
+    qts: list[QuantizedTensor] = quantizer.quantize_many([w.float() for w in weights], hessian, cfg)
+    seconds = (time.time() - t0) / len(names)
+    for n, w, qt in zip(names, weights, qts):
+        full = layout.full_name(b, n)
+        deq = qt.dequantize(torch.float32)
+        rel = proxy_rel(w.float(), deq, hessian) if hessian is not None else None
+        old = linears[n]
+        new = QuantLinear(qt, old.bias, cache_weight=cache_weight)
+        if cache_weight:
+            new._cached = deq.to(w.dtype)
+        model.set_submodule(full, new)
+        report.layers.append(LayerReport(full, qt.shape, qt.bits(), qt.bpw(), seconds, rel))

@@ -1,0 +1,222 @@
+"""Uniform (integer-grid) quantization shared by RTN, GPTQ and every scalar-grid method.
+
+One home for: group layout (including a shorter last group when the group size does not
+divide the row, e.g. SmolLM2's 576 = 4·128 + 64), scale/zero search, rounding, and the
+storage format with its exact bit count.
+
+Grids
+-----
+* asymmetric: ``w ≈ (q − z)·s`` with ``q ∈ [0, 2^b)``, integer zero point ``z`` stored in b bits
+  and an fp16 scale per group (GPTQ's convention; the range always includes 0).
+* symmetric: ``w ≈ (q − 2^(b−1))·d`` with one signed fp16 ``d`` per group chosen so that the
+  largest-magnitude weight lands exactly on the most negative level (llama.cpp's Q4_0 rule),
+  which uses all 2^b levels instead of wasting one.
+
+Scales are rounded to fp16 *before* rounding the weights, so what is decoded is exactly what
+was optimised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from q2lab.errors import ConfigError
+from q2lab.quant.base import QuantizedTensor, index_bits
+from q2lab.quant.packing import pack_bits, unpack_bits
+
+ClipMode = Literal["minmax", "mse"]
+_FP16_MAX = 65504.0
+# Shrink factors tried by the MSE clipping search (1.0 = plain min/max).
+_CLIP_GRID = torch.linspace(1.0, 0.5, 21)
+
+
+@dataclass(frozen=True)
+class GroupLayout:
+    """Column groups of a row of ``n`` weights with nominal size ``g`` (last one may be short)."""
+
+    n: int
+    g: int
+
+    @classmethod
+    def make(cls, n: int, group_size: int | None) -> GroupLayout:
+        if group_size is not None and group_size < 1:
+            raise ConfigError(f"group size must be ≥ 1 (or null for one group per row), got {group_size}")
+        g = n if group_size is None else min(group_size, n)
+        return cls(n, g)
+
+    @property
+    def count(self) -> int:
+        return -(-self.n // self.g)
+
+    def bounds(self) -> list[tuple[int, int]]:
+        return [(s, min(s + self.g, self.n)) for s in range(0, self.n, self.g)]
+
+    def sizes(self) -> torch.Tensor:
+        return torch.tensor([e - s for s, e in self.bounds()])
+
+    def expand(self, per_group: torch.Tensor) -> torch.Tensor:
+        """(rows, groups) → (rows, n): repeat each group's value over its columns."""
+        return per_group.repeat_interleave(self.sizes().to(per_group.device), dim=1)
+
+
+def fp16_round(x: torch.Tensor) -> torch.Tensor:
+    return x.clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16).to(torch.float32)
+
+
+def grid_params(
+    w: torch.Tensor, bits: int, symmetric: bool, shrink: torch.Tensor | float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point for each row of ``w`` (rows × group), fp16-exact scales.
+
+    Returns ``(scale, zero)`` of shape (rows,), with ``w ≈ (q − zero)·scale``.
+    """
+    maxq = (1 << bits) - 1
+    w = w.float()
+    if symmetric:
+        idx = w.abs().argmax(dim=1, keepdim=True)
+        m = torch.gather(w, 1, idx).squeeze(1) * shrink
+        scale = fp16_round(m / -(1 << (bits - 1)))
+        zero = torch.full_like(scale, float(1 << (bits - 1)))
+        return scale, zero
+    lo = torch.clamp(w.min(dim=1).values, max=0.0) * shrink
+    hi = torch.clamp(w.max(dim=1).values, min=0.0) * shrink
+    flat = (hi - lo) == 0
+    lo = torch.where(flat, torch.full_like(lo, -1.0), lo)
+    hi = torch.where(flat, torch.full_like(hi, 1.0), hi)
+    scale = fp16_round((hi - lo) / maxq)
+    scale = torch.where(scale == 0, torch.full_like(scale, 6e-8), scale)
+    zero = torch.clamp(torch.round(-lo / scale), 0, maxq)
+    return scale, zero
+
+
+def round_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes in ``[0, 2^b)`` for ``w`` (..., k) with per-row ``scale``/``zero`` (..., 1) or (...)."""
+    if scale.ndim == w.ndim - 1:
+        scale, zero = scale.unsqueeze(-1), zero.unsqueeze(-1)
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return torch.clamp(torch.round(w / safe) + zero, 0, (1 << bits) - 1)
+
+
+def from_grid(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    if scale.ndim == q.ndim - 1:
+        scale, zero = scale.unsqueeze(-1), zero.unsqueeze(-1)
+    return (q - zero) * scale
+
+
+def fit_group(
+    w: torch.Tensor,
+    bits: int,
+    symmetric: bool,
+    clip: ClipMode = "minmax",
+    importance: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best (scale, zero) per row of one group ``w`` (rows × k).
+
+    ``clip="mse"`` shrinks the range over a fixed grid and keeps, per row, the factor with the
+    lowest squared error, weighted per column by ``importance`` (e.g. the Hessian diagonal).
+    """
+    if clip == "minmax":
+        return grid_params(w, bits, symmetric)
+    if clip != "mse":
+        raise ConfigError(f"clip must be 'minmax' or 'mse', got {clip!r}")
+    w = w.float()
+    best_err = torch.full((w.shape[0],), float("inf"), device=w.device)
+    best_scale = torch.empty(w.shape[0], device=w.device)
+    best_zero = torch.empty(w.shape[0], device=w.device)
+    col_w = None if importance is None else importance.to(w.device, torch.float32).clamp_min(0)
+    for p in _CLIP_GRID.tolist():
+        scale, zero = grid_params(w, bits, symmetric, p)
+        err = (from_grid(round_to_grid(w, scale, zero, bits), scale, zero) - w).pow(2)
+        err = (err * col_w).sum(1) if col_w is not None else err.sum(1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+# --------------------------------------------------------------------------- storage
+def encode(
+    method: str,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    *,
+    bits: int,
+    layout: GroupLayout,
+    symmetric: bool,
+    perm: torch.Tensor | None = None,
+    extra_meta: dict | None = None,
+) -> QuantizedTensor:
+    """Pack integer codes (rows × cols, in stored column order) and group params.
+
+    ``perm`` (act-order): stored column ``j`` is original column ``perm[j]``; groups are
+    contiguous in stored order.
+    """
+    rows, cols = codes.shape
+    tensors = {"codes": pack_bits(codes, bits), "scales": scales.to(torch.float16).contiguous()}
+    bit_counts = {"codes": rows * cols * bits, "scales": scales.numel() * 16}
+    if not symmetric:
+        tensors["zeros"] = pack_bits(zeros, bits)
+        bit_counts["zeros"] = zeros.numel() * bits
+    if perm is not None:
+        tensors["perm"] = perm.to(torch.int32).contiguous()
+        bit_counts["perm"] = cols * index_bits(cols)
+    meta = {"bits": bits, "group_size": layout.g, "symmetric": symmetric, "format": "uniform"}
+    meta.update(extra_meta or {})
+    return QuantizedTensor(method, (rows, cols), tensors, meta, bit_counts)
+
+
+def encode_rows(
+    method: str,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    row_sizes: list[int],
+    **kw,
+) -> list[QuantizedTensor]:
+    """:func:`encode` for a stack of matrices quantized together, split back by rows."""
+    parts = zip(codes.split(row_sizes), scales.split(row_sizes), zeros.split(row_sizes))
+    return [encode(method, c, s, z, **kw) for c, s, z in parts]
+
+
+def decode(qt: QuantizedTensor) -> torch.Tensor:
+    rows, cols = qt.shape
+    bits = int(qt.meta["bits"])
+    layout = GroupLayout(cols, int(qt.meta["group_size"]))
+    q = unpack_bits(qt.tensors["codes"], bits, rows * cols).view(rows, cols).float()
+    scales = qt.tensors["scales"].float()
+    if qt.meta["symmetric"]:
+        zeros = torch.full_like(scales, float(1 << (bits - 1)))
+    else:
+        zeros = unpack_bits(qt.tensors["zeros"], bits, scales.numel()).view_as(scales).float()
+    w = (q - layout.expand(zeros)) * layout.expand(scales)
+    perm = qt.tensors.get("perm")
+    if perm is not None:
+        out = torch.empty_like(w)
+        out[:, perm.long()] = w
+        w = out
+    return w
+
+
+def quantize_groups(
+    w: torch.Tensor,
+    bits: int,
+    layout: GroupLayout,
+    symmetric: bool,
+    clip: ClipMode = "minmax",
+    importance: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest of a whole matrix: (codes, scales, zeros) with (rows × groups) params."""
+    codes = torch.empty_like(w, dtype=torch.int32)
+    scales = torch.empty(w.shape[0], layout.count, device=w.device)
+    zeros = torch.empty_like(scales)
+    for gi, (s, e) in enumerate(layout.bounds()):
+        imp = None if importance is None else importance[s:e]
+        scale, zero = fit_group(w[:, s:e], bits, symmetric, clip, imp)
+        codes[:, s:e] = round_to_grid(w[:, s:e].float(), scale, zero, bits).to(torch.int32)
+        scales[:, gi], zeros[:, gi] = scale, zero
+    return codes, scales, zeros
