@@ -1,0 +1,183 @@
+"""The shared Hessian store: computed once per (model, corpus, windows, ctx, seed), on disk.
+
+Layout of a store folder ``<root>/<model>-<key16>/``::
+
+    manifest.json          key fields, versions, timings, linear → (block, tensor) map
+    block_0000.safetensors float64 XᵀX per shared-input group of block 0, and so on
+
+The folder is built under a temporary name and renamed when complete, so a store that exists
+is always whole; every later ``calibrate`` call with the same key reuses it without touching
+the model.  Reading is per block, so quantization holds one block's Hessians at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from q2lab.calib.capture import stream_hessians
+from q2lab.calib.hessian import Hessian
+from q2lab.data.text import corpus_windows, load_corpus
+from q2lab.errors import CorruptFileError, ModelError
+from q2lab.models.arch import find_decoder
+from q2lab.utils.io import atomic_path, cache_dir, sha256_json, write_json_atomic
+from q2lab.utils.provenance import versions
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class CalibSpec:
+    """What a store is computed from (the rest of the key is the model and corpus content)."""
+
+    corpus: str = "wikitext2"
+    windows: int = 128
+    ctx: int = 512
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"corpus": self.corpus, "windows": self.windows, "ctx": self.ctx, "seed": self.seed}
+
+
+def store_key(model_fingerprint: str, corpus_sha256: str, spec: CalibSpec, add_bos: bool) -> str:
+    return sha256_json(
+        {
+            "format": FORMAT_VERSION,
+            "model": model_fingerprint,
+            "corpus_sha256": corpus_sha256,
+            "windows": spec.windows,
+            "ctx": spec.ctx,
+            "seed": spec.seed,
+            "add_bos": add_bos,
+        }
+    )
+
+
+class HessianStore:
+    """Read access to a complete store folder, one block file at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        manifest = self.path / MANIFEST
+        if not manifest.exists():
+            raise CorruptFileError(f"{self.path} is not a q2lab Hessian store (no {MANIFEST})")
+        try:
+            self.manifest: dict[str, Any] = json.loads(manifest.read_text())
+        except json.JSONDecodeError as e:
+            raise CorruptFileError(f"{manifest} is not valid JSON: {e}") from e
+        if self.manifest.get("format") != FORMAT_VERSION:
+            raise CorruptFileError(
+                f"{self.path}: Hessian store format {self.manifest.get('format')} is not supported"
+            )
+        self._block_cache: tuple[int, dict[str, torch.Tensor]] | None = None
+
+    @property
+    def key(self) -> str:
+        return self.manifest["key"]
+
+    @property
+    def linears(self) -> dict[str, dict[str, Any]]:
+        return self.manifest["linears"]
+
+    def block_file(self, block: int) -> Path:
+        return self.path / f"block_{block:04d}.safetensors"
+
+    def _block_tensors(self, block: int) -> dict[str, torch.Tensor]:
+        if self._block_cache is None or self._block_cache[0] != block:
+            path = self.block_file(block)
+            try:
+                self._block_cache = (block, load_file(str(path)))
+            except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+                raise CorruptFileError(f"cannot read Hessians from {path}: {e}") from e
+        return self._block_cache[1]
+
+    def hessian(self, linear: str) -> Hessian:
+        """The Hessian of the input of ``linear`` (full module name, e.g. ``model.layers.3.mlp.up_proj``)."""
+        entry = self.linears.get(linear)
+        if entry is None:
+            raise ModelError(
+                f"the Hessian store {self.path} has no entry for layer {linear}; was it built for this model?"
+            )
+        return Hessian(self._block_tensors(entry["block"])[entry["tensor"]], int(entry["n"]))
+
+    def importance(self, linear: str) -> torch.Tensor:
+        return self.hessian(linear).importance()
+
+    def describe(self) -> dict[str, Any]:
+        keep = (
+            "key",
+            "model",
+            "model_fingerprint",
+            "corpus",
+            "corpus_sha256",
+            "windows",
+            "ctx",
+            "seed",
+            "add_bos",
+            "tokens",
+            "seconds",
+        )
+        return {k: self.manifest.get(k) for k in keep}
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name or name)[:40]
+
+
+def store_path(loaded, corpus_sha256: str, spec: CalibSpec, root: Path | None = None) -> tuple[Path, str]:
+    key = store_key(loaded.info.fingerprint, corpus_sha256, spec, loaded.info.add_bos)
+    root = Path(root) if root else cache_dir() / "hessians"
+    return root / f"{_slug(loaded.info.name)}-{key[:16]}", key
+
+
+def calibrate(loaded, spec: CalibSpec = CalibSpec(), root: Path | None = None) -> HessianStore:
+    """Return the store for ``loaded`` and ``spec``, computing it only if it does not exist yet."""
+    corpus = load_corpus(spec.corpus, role="calib")
+    path, key = store_path(loaded, corpus.sha256, spec, root)
+    if (path / MANIFEST).exists():
+        store = HessianStore(path)
+        if store.key == key:
+            return store
+    windows = corpus_windows(loaded, corpus, spec.windows, spec.ctx, mode="random", seed=spec.seed)
+    layout = find_decoder(loaded.model)
+    linears: dict[str, dict[str, Any]] = {}
+    t0 = time.time()
+    with atomic_path(path, is_dir=True) as tmp:
+
+        def on_block(b: int, hessians: dict[str, Hessian], groups: dict[str, str]) -> None:
+            save_file(
+                {name: h.xtx.contiguous() for name, h in hessians.items()},
+                str(tmp / f"block_{b:04d}.safetensors"),
+            )
+            for lin, leader in groups.items():
+                linears[layout.full_name(b, lin)] = {"block": b, "tensor": leader, "n": hessians[leader].n}
+
+        stream_hessians(loaded.model, windows, on_block, workdir=tmp)
+        write_json_atomic(
+            tmp / MANIFEST,
+            {
+                "format": FORMAT_VERSION,
+                "key": key,
+                "model": loaded.info.name,
+                "model_fingerprint": loaded.info.fingerprint,
+                "corpus": corpus.name,
+                "corpus_sha256": corpus.sha256,
+                **spec.to_dict(),
+                "add_bos": loaded.info.add_bos,
+                "tokens": int(windows.numel()),
+                "seconds": round(time.time() - t0, 2),
+                "versions": versions(),
+                "linears": linears,
+                "n_blocks": len(layout),
+            },
+        )
+    return HessianStore(path)

@@ -1,0 +1,1 @@
+"""Corpora, token windows and evaluation task data, resolved from ``Q2LAB_DATA`` or paths."""
