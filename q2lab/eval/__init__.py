@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, KL divergence to the reference, multiple choice, generation collapse."""

@@ -1,0 +1,751 @@
+"""Generation-collapse check: does a quantized model still write, or does it loop and babble?
+
+Some 2-bit models keep their perplexity and multiple-choice scores yet fall apart when they
+generate: they loop, repeat one phrase, emit word salad or stop at once.  Likelihood metrics
+cannot see this, because they only score text the model is handed; the model has to write.
+This module greedily generates short continuations of a fixed prompt set, measures each
+continuation with cheap, pure functions of its tokens and text, and calls a sample collapsed
+when any metric is clearly worse than what the float reference does on the same prompts.
+
+Pipeline::
+
+    prompts = load_prompts("default")
+    ref = generate(reference, prompts)                 # float model, once per study
+    thresholds = CollapseThresholds.from_reference(ref, ref_nll=reference_nll(reference, ref))
+    cand = generate(candidate, prompts)
+    records = collapse_records("gen:collapse", cand, thresholds, prompt_set=prompts,
+                               ref_nll=reference_nll(reference, cand))   # optional, see below
+
+The repetition metrics are pure functions of one continuation.  They cannot see varied word
+salad (a model whose weights are moderately noised writes "South where but mustc anymore…"),
+so the optional :func:`reference_nll` scores each continuation with the float model: junk
+costs it 8–14 nats per token, prose about 3.5.
+
+Why calibrate against the reference: small models repeat themselves somewhat under greedy
+decoding even in float, so fixed thresholds would either flag the float model or be too lax
+for larger ones.  Thresholds are the reference's worst value plus a margin, clipped to
+absolute bounds (:data:`THRESHOLD_BOUNDS`): the lower bound keeps a very clean reference from
+making the detector trip on ordinary variation, the upper bound keeps a reference that itself
+loops from making the detector blind.  A reference sample that breaks an upper bound is
+collapsed itself; :meth:`CollapseThresholds.from_reference` warns about it, because that
+prompt cannot tell the candidate's collapse from the reference's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import warnings
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from q2lab.errors import ConfigError, DataError, ShapeError
+from q2lab.eval.records import Record
+from q2lab.eval.stats import mean_ci
+from q2lab.utils.progress import progress
+
+# --------------------------------------------------------------------------- prompts
+#: Short English prompts for plain text continuation (no chat template): two dialogues, two
+#: summaries, and four pieces of long-form writing (a letter, an explanation, two stories).
+#: Each ends mid-thought so that any model, base or instruct, has an obvious way to go on.
+#: They were checked on SmolLM2-135M-Instruct: in float, greedy, 64 tokens, it neither loops
+#: nor stops early on any of them.  Prompts on which the float model itself loops (it does on
+#: some story openings) were left out on purpose: they cannot tell a quantized model's
+#: collapse from the float model's own greedy degeneration.
+DEFAULT_PROMPTS: tuple[str, ...] = (
+    "Alice: Did you finish the report for tomorrow's meeting?\nBob:",
+    "Interviewer: What got you interested in astronomy?\nScientist:",
+    "Article: The city council voted on Tuesday to build a new public library downtown. The project will "
+    "cost twelve million dollars and is expected to open in two years. Supporters say it will serve "
+    "thousands of families.\n\nSummary:",
+    "Article: A new study found that people who walk for thirty minutes a day sleep better and report "
+    "less stress. Researchers followed two thousand adults for a year.\n\nIn short,",
+    "Write a letter to a friend describing your summer vacation.\n\nDear Sam,",
+    "Photosynthesis is the process by which plants",
+    "The train was already moving when Clara jumped aboard, clutching a small wooden box.",
+    "My grandmother's kitchen always smelled of bread and cinnamon. Every Sunday,",
+)
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """Prompts with the name and content hash that go into result records."""
+
+    name: str  # "default" or the path given
+    prompts: tuple[str, ...]
+    sha256: str  # of the prompts joined by "\n" (so a file and the same prompts inline agree)
+
+    @classmethod
+    def from_prompts(cls, name: str, prompts: Sequence[str]) -> PromptSet:
+        return cls(name, tuple(prompts), prompts_sha256(prompts))
+
+    def describe(self) -> str:
+        return f"{self.name} ({len(self.prompts)} prompts, sha256 {self.sha256[:12]})"
+
+
+def prompts_sha256(prompts: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(prompts).encode("utf-8")).hexdigest()
+
+
+def load_prompts(name_or_path: str = "default") -> PromptSet:
+    """``"default"`` or a local file: ``.txt`` (one prompt per line; ``\\n`` escapes a newline
+    inside a prompt) or ``.jsonl`` (one ``{"prompt": ...}`` object per line).  Blank lines are
+    skipped; a file without any prompt is an error rather than an empty, silently passing check.
+    """
+    if name_or_path == "default":
+        return PromptSet.from_prompts("default", DEFAULT_PROMPTS)
+    path = Path(name_or_path).expanduser()
+    if not path.is_file():
+        raise DataError(f"prompt set {name_or_path!r} is neither 'default' nor an existing .txt/.jsonl file")
+    suffix = path.suffix.lower()
+    if suffix not in {".txt", ".jsonl"}:
+        raise DataError(
+            f"prompt file {path} must be .txt (one prompt per line) "
+            'or .jsonl (one {"prompt": ...} object per line)'
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"prompt file {path} is not UTF-8 text ({e})") from e
+    prompts = _jsonl_prompts(path, text) if suffix == ".jsonl" else _txt_prompts(text)
+    if not prompts:
+        raise DataError(f"prompt file {path} contains no prompts")
+    return PromptSet.from_prompts(str(path), prompts)
+
+
+def _txt_prompts(text: str) -> list[str]:
+    return [line.replace("\\n", "\n") for line in text.splitlines() if line.strip()]
+
+
+def _jsonl_prompts(path: Path, text: str) -> list[str]:
+    prompts = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            prompt = json.loads(line)["prompt"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise DataError(f"{path}:{i}: expected a JSON object with a 'prompt' field ({e})") from e
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise DataError(f"{path}:{i}: 'prompt' must be a non-empty string")
+        prompts.append(prompt)
+    return prompts
+
+
+# --------------------------------------------------------------------------- generation
+@dataclass(frozen=True)
+class GenSample:
+    """One continuation.  ``token_ids`` are the new tokens before EOS (EOS itself excluded),
+    so ``n_new == len(token_ids)``; ``hit_eos`` tells a model that stopped from one cut off at
+    ``max_new_tokens``."""
+
+    prompt: str
+    text: str  # decoded continuation (special tokens kept visible, except EOS)
+    token_ids: tuple[int, ...]
+    hit_eos: bool
+    n_new: int
+    max_new_tokens: int
+
+
+LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def eos_ids(loaded) -> list[int]:
+    """Token ids that end a continuation: the tokenizer's EOS and the generation config's."""
+    ids: set[int] = set()
+    if loaded.tokenizer.eos_token_id is not None:
+        ids.add(int(loaded.tokenizer.eos_token_id))
+    gen_cfg = getattr(loaded.model, "generation_config", None)
+    cfg_eos = getattr(gen_cfg, "eos_token_id", None)
+    if cfg_eos is not None:
+        ids.update(int(i) for i in ([cfg_eos] if isinstance(cfg_eos, int) else cfg_eos))
+    return sorted(ids)
+
+
+def encode_prompt(loaded, prompt: str) -> list[int]:
+    """Prompt token ids, BOS first when the model's tokenizer adds it (as in training)."""
+    ids = list(loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    if loaded.info.add_bos:
+        ids.insert(0, int(loaded.info.bos_token_id))
+    if not ids:
+        raise DataError("cannot generate from an empty prompt for a model that adds no BOS token")
+    return ids
+
+
+@torch.no_grad()
+def generate(
+    loaded,
+    prompts: Sequence[str] | PromptSet,
+    max_new_tokens: int = 64,
+    seed: int = 0,
+    greedy: bool = True,
+    *,
+    temperature: float = 1.0,
+    batch_size: int = 8,
+    logits_processor: LogitsProcessor | None = None,
+) -> list[GenSample]:
+    """Continue each prompt by up to ``max_new_tokens`` tokens, stopping at EOS.
+
+    Greedy by default: the check must be deterministic, and greedy is what exposes loops.
+    With ``greedy=False`` tokens are sampled at ``temperature`` from a per-prompt generator
+    seeded by ``(seed, prompt index)``, so samples do not depend on ``batch_size``.
+    Prompts are batched with left padding and a KV cache.  ``logits_processor(ids, logits)``
+    (the Hugging Face signature) may rewrite the last-position logits before each choice —
+    tests use it to force a loop.
+    """
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
+    if not greedy and temperature <= 0:
+        raise ConfigError(f"sampling temperature must be > 0, got {temperature}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be ≥ 1, got {batch_size}")
+    texts = list(prompts.prompts if isinstance(prompts, PromptSet) else prompts)
+    encoded = [encode_prompt(loaded, p) for p in texts]
+    stop = torch.tensor(eos_ids(loaded), dtype=torch.long)
+    starts = range(0, len(texts), batch_size)
+    samples: list[GenSample] = []
+    for s in progress(starts, "generate", total=len(starts), unit="batch"):
+        batch = encoded[s : s + batch_size]
+        gens = None if greedy else [_prompt_generator(seed, s + i) for i in range(len(batch))]
+        rows = _generate_batch(loaded.model, batch, max_new_tokens, stop, gens, temperature, logits_processor)
+        for prompt, (ids, hit) in zip(texts[s : s + batch_size], rows):
+            text = loaded.tokenizer.decode(ids, skip_special_tokens=False)
+            samples.append(GenSample(prompt, text, tuple(ids), hit, len(ids), max_new_tokens))
+    return samples
+
+
+def _prompt_generator(seed: int, index: int) -> torch.Generator:
+    """One sampling stream per prompt, so a prompt's sample does not depend on its batch."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + index)
+
+
+def _left_pad(encoded: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(e) for e in encoded)
+    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for i, e in enumerate(encoded):
+        ids[i, width - len(e) :] = torch.tensor(e, dtype=torch.long)
+        mask[i, width - len(e) :] = 1
+    return ids, mask
+
+
+def _generate_batch(
+    model: torch.nn.Module,
+    encoded: list[list[int]],
+    max_new_tokens: int,
+    stop: torch.Tensor,
+    gens: list[torch.Generator] | None,
+    temperature: float,
+    logits_processor: LogitsProcessor | None,
+) -> list[tuple[list[int], bool]]:
+    """Decode one left-padded batch; returns (new ids before EOS, hit EOS) per row."""
+    device = next(model.parameters()).device
+    pad_id = int(stop[0]) if stop.numel() else 0
+    ids, mask = _left_pad(encoded, pad_id)
+    ids, mask, stop = ids.to(device), mask.to(device), stop.to(device)
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    seq = ids
+    done = torch.zeros(len(encoded), dtype=torch.bool, device=device)
+    new: list[torch.Tensor] = []
+    for step in range(max_new_tokens):
+        logits = out.logits[:, -1].float()
+        if logits_processor is not None:
+            logits = logits_processor(seq, logits)
+        nxt = _choose(logits, gens, temperature)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        new.append(nxt)
+        done |= torch.isin(nxt, stop)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        seq = torch.cat([seq, nxt[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        pos = pos[:, -1:] + 1
+        out = model(
+            input_ids=nxt[:, None],
+            attention_mask=mask,
+            position_ids=pos,
+            past_key_values=out.past_key_values,
+            use_cache=True,
+        )
+    return [_cut_at_eos(row, stop) for row in torch.stack(new, dim=1).cpu()]
+
+
+def _choose(logits: torch.Tensor, gens: list[torch.Generator] | None, temperature: float) -> torch.Tensor:
+    if gens is None:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.cpu() / temperature, dim=-1)
+    picks = [torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(gens)]
+    return torch.cat(picks).to(logits.device)
+
+
+def _cut_at_eos(row: torch.Tensor, stop: torch.Tensor) -> tuple[list[int], bool]:
+    hits = torch.isin(row, stop.cpu()).nonzero()
+    if hits.numel():
+        return row[: int(hits[0])].tolist(), True
+    return row.tolist(), False
+
+
+# --------------------------------------------------------------------------- metrics
+def _ids(token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+    return np.asarray(token_ids, dtype=np.int64).reshape(-1)
+
+
+def _ngram_counts(token_ids: Sequence[int] | np.ndarray, n: int) -> tuple[int, int]:
+    """(number of n-grams, number of distinct n-grams) of a sequence."""
+    if n < 1:
+        raise ConfigError(f"n-gram order must be ≥ 1, got {n}")
+    a = _ids(token_ids)
+    total = a.size - n + 1
+    if total <= 0:
+        return 0, 0
+    grams = np.lib.stride_tricks.sliding_window_view(a, n)
+    return total, int(np.unique(grams, axis=0).shape[0])
+
+
+def rep_n(token_ids: Sequence[int] | np.ndarray, n: int = 4) -> float:
+    """Fraction of the sample's n-grams that repeat an n-gram seen earlier in the same sample.
+
+    ``rep_n = (T − U) / T`` with ``T = len − n + 1`` n-grams of which ``U`` are distinct
+    (Welleck et al. 2019, "seq-rep-n"; equal to ``1 − distinct_n``).  0 for text that never
+    repeats a phrase, → 1 for a loop.  A sample shorter than ``n`` tokens has no n-grams and
+    scores 0 (early stops are judged by :func:`early_eos`, not here).
+    """
+    total, distinct = _ngram_counts(token_ids, n)
+    return (total - distinct) / total if total else 0.0
+
+
+def distinct_n(token_ids: Sequence[int] | np.ndarray, n: int = 2) -> float:
+    """Distinct n-grams over all n-grams, ``U / T`` (Li et al. 2016).
+
+    Word salad that cycles through a few tokens has low distinct-2 even when it never forms
+    an exact loop.  A sample shorter than ``n`` tokens scores 1 (nothing is repeated).
+    """
+    total, distinct = _ngram_counts(token_ids, n)
+    return distinct / total if total else 1.0
+
+
+def longest_loop(token_ids: Sequence[int] | np.ndarray) -> tuple[int, int]:
+    """``(length, period)`` of the longest periodic span that repeats its period at least twice.
+
+    A span ``x[i : i + L]`` is periodic with period ``p`` when ``x[j] == x[j + p]`` for all
+    ``i ≤ j < i + L − p``; it counts as a loop when ``L ≥ 2p`` (a block immediately followed by
+    itself, plus any partial repeat after it).  Row ``p`` of a ``(len/2, len)`` array holds the
+    matches ``x[j] == x[j + p]``; its longest run ``r`` gives ``L = r + p``.  Ties go to the
+    shortest period.  "a b c a b c a b c" gives ``(9, 3)``, "a b c a b c a b" ``(8, 3)``, and
+    text that never repeats itself immediately ``(0, 0)``.  Greedy decoding that degenerates
+    ends in such a span, so ``length`` is roughly the number of tokens lost to the loop.
+    """
+    a = _ids(token_ids)
+    if a.size < 2:
+        return 0, 0
+    periods = np.arange(1, a.size // 2 + 1)
+    later = np.arange(a.size)[None, :] + periods[:, None]  # (P, len): index j + p
+    same = (later < a.size) & (a[None, :] == a[np.minimum(later, a.size - 1)])
+    run = _run_lengths(same).max(axis=1)  # longest run of matches per period
+    length = np.where(run >= periods, run + periods, 0)
+    best = int(np.argmax(length))  # first maximum: the shortest period
+    return (int(length[best]), int(periods[best])) if length[best] else (0, 0)
+
+
+def _run_lengths(mask: np.ndarray) -> np.ndarray:
+    """Length of the run of True ending at each position of each row (0 where False)."""
+    count = np.cumsum(mask, axis=1)
+    return count - np.maximum.accumulate(np.where(mask, 0, count), axis=1)
+
+
+def zlib_ratio(text: str) -> float:
+    """``len(utf8(text)) / len(zlib.compress(utf8(text), 9))``: how compressible the text is.
+
+    Repetitive text compresses well (ratio 3–10 for loops); ordinary prose of a few hundred
+    bytes stays near 1.2–1.6 because zlib's fixed overhead dominates at that size.  It sees
+    repetition at the character level, which catches loops whose tokenisation drifts.
+    Empty text scores 0.
+    """
+    raw = text.encode("utf-8")
+    return len(raw) / len(zlib.compress(raw, 9)) if raw else 0.0
+
+
+def ngram_entropy(token_ids: Sequence[int] | np.ndarray) -> float:
+    """Unigram Shannon entropy of the tokens in bits, ``H = −Σ_t p_t log2 p_t``.
+
+    ``p_t`` is token ``t``'s share of the sample.  A sample that cycles through a handful of
+    tokens has a low entropy; at most ``log2(n)`` for ``n`` tokens.  Empty samples score 0.
+    """
+    a = _ids(token_ids)
+    if a.size == 0:
+        return 0.0
+    _, counts = np.unique(a, return_counts=True)
+    p = counts / a.size
+    return float(-(p * np.log2(p)).sum())
+
+
+def early_eos(n_new: int, hit_eos: bool, min_new_tokens: int) -> bool:
+    """True when the model ended (EOS) before writing ``min_new_tokens`` tokens.
+
+    Being cut off at ``max_new_tokens`` is never early, however short ``max_new_tokens`` is.
+    """
+    return bool(hit_eos) and n_new < min_new_tokens
+
+
+@dataclass(frozen=True)
+class GenMetrics:
+    """All per-sample metrics of one continuation (see the functions of the same names)."""
+
+    rep4: float
+    distinct2: float
+    longest_loop: int
+    loop_period: int
+    zlib_ratio: float
+    entropy: float
+    n_new: int
+    hit_eos: bool
+    ref_nll: float | None = None  # nats/token under the reference, if it was scored
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"entropy_ratio": self.entropy_ratio}
+
+    @property
+    def entropy_ratio(self) -> float:
+        """Entropy as a fraction of its maximum ``log2(n_new)`` (every token different); 1 below 2 tokens.
+
+        Dividing by the maximum makes samples of different lengths comparable: 64 tokens of
+        prose sit near 0.85–0.9, a loop through a few tokens near 0.5, random tokens at 1.
+        """
+        return self.entropy / math.log2(self.n_new) if self.n_new >= 2 else 1.0
+
+
+def sample_metrics(sample: GenSample, ref_nll: float | None = None) -> GenMetrics:
+    """Every metric of one continuation; ``ref_nll`` from :func:`reference_nll` if available."""
+    loop, period = longest_loop(sample.token_ids)
+    return GenMetrics(
+        rep4=rep_n(sample.token_ids, 4),
+        distinct2=distinct_n(sample.token_ids, 2),
+        longest_loop=loop,
+        loop_period=period,
+        zlib_ratio=zlib_ratio(sample.text),
+        entropy=ngram_entropy(sample.token_ids),
+        n_new=sample.n_new,
+        hit_eos=sample.hit_eos,
+        ref_nll=None if ref_nll is None or math.isnan(ref_nll) else float(ref_nll),
+    )
+
+
+@torch.no_grad()
+def reference_nll(reference, samples: Sequence[GenSample], batch_size: int = 8) -> list[float]:
+    """Mean negative log-likelihood (nats per token) of each continuation under ``reference``,
+    conditioned on its prompt; NaN for an empty continuation.
+
+    This is the one metric that sees fluent-looking word salad: a model that emits varied but
+    meaningless tokens passes every repetition metric, yet its text costs the reference
+    8–14 nats per token where prose costs about 3.5 and the reference's own greedy text about 1.
+    The candidate must share the reference's tokenizer (a quantized copy does).
+    """
+    vocab = getattr(reference.model.config, "vocab_size", None)
+    out: list[float] = []
+    for s in range(0, len(samples), batch_size):
+        chunk = samples[s : s + batch_size]
+        if vocab is not None and any(t >= vocab for smp in chunk for t in smp.token_ids):
+            raise ShapeError(
+                f"continuation token ids exceed the reference vocabulary ({vocab}); "
+                "candidate and reference must share a tokenizer"
+            )
+        out.extend(_chunk_nll(reference, chunk))
+    return out
+
+
+def _chunk_nll(reference, chunk: Sequence[GenSample]) -> list[float]:
+    """Left-padded batch: every continuation ends in the last column, so the last ``k + 1``
+    logits cover the longest continuation's ``k`` predictions."""
+    device = next(reference.model.parameters()).device
+    full = [encode_prompt(reference, smp.prompt) + list(smp.token_ids) for smp in chunk]
+    k = max(smp.n_new for smp in chunk)
+    if k == 0:
+        return [math.nan] * len(chunk)
+    ids, mask = _left_pad(full, 0)
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    logits = reference.model(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        position_ids=pos.to(device),
+        use_cache=False,
+        logits_to_keep=k + 1,
+    ).logits
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).cpu()  # predicts the last k tokens
+    nll = -logp.gather(-1, ids[:, -k:, None]).squeeze(-1)
+    return [float(nll[i, k - smp.n_new :].mean()) if smp.n_new else math.nan for i, smp in enumerate(chunk)]
+
+
+# --------------------------------------------------------------------------- verdict
+#: Samples shorter than this are not judged on low entropy (a short reply has few repeats).
+MIN_TOKENS_LOW_ENTROPY = 8
+#: Samples shorter than this are not judged on high entropy: below ~32 tokens ordinary text
+#: often has no repeated token at all, so "every token different" means nothing.
+MIN_TOKENS_HIGH_ENTROPY = 32
+
+
+@dataclass(frozen=True)
+class _Bound:
+    """How one threshold is calibrated: ``worst reference value ± margin``, clipped between
+    ``sensitive`` (the strictest it may get) and ``blind`` (the laxest)."""
+
+    kind: str  # "max": the metric must stay ≤ threshold; "min": ≥ threshold
+    margin: float
+    sensitive: float
+    blind: float
+
+    def calibrate(self, worst: float, scale: float) -> float:
+        if self.kind == "max":
+            return min(max(worst + scale * self.margin, self.sensitive), self.blind)
+        return max(min(worst - scale * self.margin, self.sensitive), self.blind)
+
+
+#: Calibration of every threshold (``margin`` is multiplied by ``from_reference(margin=...)``).
+#: The bounds were set on 64-token greedy continuations of :data:`DEFAULT_PROMPTS`: SmolLM2-135M
+#: in float stays far inside all of them, while its loops on story prompts, 2–4-bit RTN copies
+#: and noised copies fall outside.  zlib and entropy depend on the continuation length, so for
+#: other lengths calibrate from a reference rather than trusting the defaults.
+THRESHOLD_BOUNDS: dict[str, _Bound] = {
+    "max_loop": _Bound("max", 8, sensitive=10, blind=24),  # tokens
+    "max_rep4": _Bound("max", 0.15, sensitive=0.15, blind=0.40),
+    "min_distinct2": _Bound("min", 0.15, sensitive=0.75, blind=0.45),
+    "max_zlib": _Bound("max", 0.5, sensitive=2.0, blind=3.0),
+    "min_entropy_ratio": _Bound("min", 0.15, sensitive=0.70, blind=0.50),
+    "max_entropy_ratio": _Bound("max", 0.06, sensitive=0.95, blind=0.99),
+    "min_new_tokens": _Bound("min", 8, sensitive=8, blind=1),  # tokens before EOS
+    "max_ref_nll": _Bound("max", 3.0, sensitive=5.0, blind=8.0),  # nats per token
+}
+
+
+@dataclass(frozen=True)
+class CollapseThresholds:
+    """Acceptable range of every metric; a sample outside any of them is collapsed.
+
+    ``max_*`` fields are the largest acceptable value, ``min_*`` the smallest.  The defaults
+    (no reference available) sit between the bounds of :data:`THRESHOLD_BOUNDS`, for about 64
+    new tokens of English prose: a 16-token loop, a quarter of 4-grams repeated, or zlib
+    compressing the text 2.5× is beyond what a healthy model writes in that space.
+    """
+
+    max_loop: int = 16
+    max_rep4: float = 0.25
+    min_distinct2: float = 0.60
+    max_zlib: float = 2.5
+    min_entropy_ratio: float = 0.60
+    max_entropy_ratio: float = 0.97
+    min_new_tokens: int = 4
+    max_ref_nll: float = 6.0
+    source: str = "defaults"
+    max_new_tokens: int | None = None  # generation length the thresholds were calibrated for
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CollapseThresholds:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ConfigError(f"unknown collapse threshold(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+    @classmethod
+    def from_reference(
+        cls,
+        ref_samples: Sequence[GenSample],
+        margin: float = 1.0,
+        *,
+        ref_nll: Sequence[float] | None = None,
+    ) -> CollapseThresholds:
+        """Thresholds from the float model's own generations on the same prompts.
+
+        Each threshold is the reference's worst value plus ``margin`` times the metric's
+        margin in :data:`THRESHOLD_BOUNDS`, clipped to its bounds.  ``ref_nll`` is
+        :func:`reference_nll` of the reference's own samples; without it ``max_ref_nll`` keeps
+        its default.  Warns when the reference itself breaks the thresholds (possible only
+        where a bound clipped), since those prompts cannot discriminate.
+        """
+        if not ref_samples:
+            raise ConfigError("cannot calibrate collapse thresholds from zero reference samples")
+        if margin < 0:
+            raise ConfigError(f"collapse margin must be ≥ 0, got {margin}")
+        nll = list(ref_nll) if ref_nll is not None else [None] * len(ref_samples)
+        if len(nll) != len(ref_samples):
+            raise ShapeError(f"{len(nll)} reference NLLs for {len(ref_samples)} reference samples")
+        metrics = [sample_metrics(s, v) for s, v in zip(ref_samples, nll)]
+        values = {k: v for k, v in _worst_values(metrics).items() if v is not None}
+        fields: dict[str, Any] = {k: THRESHOLD_BOUNDS[k].calibrate(v, margin) for k, v in values.items()}
+        for k in ("max_loop", "min_new_tokens"):
+            fields[k] = round(fields[k])
+        lengths = {s.max_new_tokens for s in ref_samples}
+        out = cls(
+            **fields,
+            source=f"reference ({len(ref_samples)} samples, margin x{margin:g})",
+            max_new_tokens=lengths.pop() if len(lengths) == 1 else None,
+        )
+        _warn_if_reference_collapses(metrics, out)
+        return out
+
+
+def _worst_values(metrics: list[GenMetrics]) -> dict[str, float | None]:
+    """The reference's least healthy value of each metric (over the samples it applies to)."""
+    low_h = [m.entropy_ratio for m in metrics if m.n_new >= MIN_TOKENS_LOW_ENTROPY]
+    high_h = [m.entropy_ratio for m in metrics if m.n_new >= MIN_TOKENS_HIGH_ENTROPY]
+    nll = [m.ref_nll for m in metrics if m.ref_nll is not None]
+    return {
+        "max_loop": max(m.longest_loop for m in metrics),
+        "max_rep4": max(m.rep4 for m in metrics),
+        "min_distinct2": min(m.distinct2 for m in metrics),
+        "max_zlib": max(m.zlib_ratio for m in metrics),
+        "min_entropy_ratio": min(low_h) if low_h else None,
+        "max_entropy_ratio": max(high_h) if high_h else None,
+        # a reference that never stops early counts as stopping at its full length
+        "min_new_tokens": min((m.n_new for m in metrics if m.hit_eos), default=min(m.n_new for m in metrics)),
+        "max_ref_nll": max(nll) if nll else None,
+    }
+
+
+def _warn_if_reference_collapses(metrics: list[GenMetrics], thresholds: CollapseThresholds) -> None:
+    verdicts = [is_collapsed(m, thresholds) for m in metrics]
+    bad = [(i, reasons) for i, (hit, reasons) in enumerate(verdicts) if hit]
+    if bad:
+        listed = "; ".join(f"prompt {i}: {', '.join(r)}" for i, r in bad)
+        warnings.warn(
+            f"the reference itself collapses on {len(bad)} of {len(metrics)} prompts ({listed}); "
+            "those prompts cannot show a candidate's collapse",
+            stacklevel=3,
+        )
+
+
+def is_collapsed(metrics: GenMetrics, thresholds: CollapseThresholds) -> tuple[bool, list[str]]:
+    """``(collapsed, reasons)``: collapsed when any criterion fires; each reason starts with
+    its family — ``loop``, ``repetition``, ``gibberish`` or ``early EOS`` — then the value
+    and the threshold it broke."""
+    m, t = metrics, thresholds
+    reasons: list[str] = []
+    if m.longest_loop > t.max_loop:
+        reasons.append(f"loop: {m.longest_loop}-token span repeating every {m.loop_period} (> {t.max_loop})")
+    if m.rep4 > t.max_rep4:
+        reasons.append(f"repetition: {m.rep4:.0%} of 4-grams repeated (> {t.max_rep4:.0%})")
+    if m.distinct2 < t.min_distinct2:
+        reasons.append(f"repetition: distinct-2 {m.distinct2:.2f} (< {t.min_distinct2:.2f})")
+    if m.zlib_ratio > t.max_zlib:
+        reasons.append(f"repetition: zlib ratio {m.zlib_ratio:.2f} (> {t.max_zlib:.2f})")
+    if m.n_new >= MIN_TOKENS_LOW_ENTROPY and m.entropy_ratio < t.min_entropy_ratio:
+        reasons.append(
+            f"gibberish: token entropy {m.entropy_ratio:.2f} of maximum, few distinct tokens "
+            f"(< {t.min_entropy_ratio:.2f})"
+        )
+    if m.n_new >= MIN_TOKENS_HIGH_ENTROPY and m.entropy_ratio > t.max_entropy_ratio:
+        reasons.append(
+            f"gibberish: token entropy {m.entropy_ratio:.2f} of maximum, near-random "
+            f"(> {t.max_entropy_ratio:.2f})"
+        )
+    if m.ref_nll is not None and m.ref_nll > t.max_ref_nll:
+        reasons.append(f"gibberish: reference NLL {m.ref_nll:.1f} nats/token (> {t.max_ref_nll:.1f})")
+    if early_eos(m.n_new, m.hit_eos, t.min_new_tokens):
+        reasons.append(f"early EOS: stopped after {m.n_new} tokens (< {t.min_new_tokens})")
+    return bool(reasons), reasons
+
+
+# --------------------------------------------------------------------------- records
+_EXAMPLES = 3
+_EXAMPLE_CHARS = 300
+#: (record metric, GenMetrics attribute, higher_is_better)
+_MEAN_METRICS = (
+    ("rep4", "rep4", False),
+    ("distinct2", "distinct2", True),
+    ("zlib_ratio", "zlib_ratio", False),
+    ("longest_loop", "longest_loop", False),
+)
+
+
+def collapse_records(
+    task_label: str,
+    cand_samples: Sequence[GenSample],
+    thresholds: CollapseThresholds,
+    *,
+    ref_nll: Sequence[float] | None = None,
+    prompt_set: PromptSet | None = None,
+) -> list[Record]:
+    """Collapse rate and mean metrics over prompts, each with a bootstrap CI over prompts.
+
+    ``ref_nll`` (the candidate's continuations scored by :func:`reference_nll`) adds the
+    ``ref_nll`` record and the fluency criterion.  Thresholds calibrated for another
+    ``max_new_tokens`` are refused: zlib and entropy shift with length.
+    """
+    if not cand_samples:
+        raise ConfigError("no generated samples to judge")
+    lengths = {s.max_new_tokens for s in cand_samples}
+    if thresholds.max_new_tokens is not None and lengths != {thresholds.max_new_tokens}:
+        raise ConfigError(
+            f"collapse thresholds were calibrated on {thresholds.max_new_tokens}-token "
+            f"continuations but the candidate's max_new_tokens is {sorted(lengths)}; "
+            "generate reference and candidate with the same max_new_tokens"
+        )
+    nll = list(ref_nll) if ref_nll is not None else [None] * len(cand_samples)
+    if len(nll) != len(cand_samples):
+        raise ShapeError(f"{len(nll)} reference NLLs for {len(cand_samples)} samples")
+    if prompt_set is not None and prompt_set.prompts != tuple(s.prompt for s in cand_samples):
+        raise ConfigError(f"the samples were not generated from prompt set {prompt_set.describe()}")
+    metrics = [sample_metrics(s, v) for s, v in zip(cand_samples, nll)]
+    verdicts = [is_collapsed(m, thresholds) for m in metrics]
+    details = _details(cand_samples, thresholds, verdicts, prompt_set)
+    records = [_mean_record(task_label, "collapse_rate", [float(c) for c, _ in verdicts], False, details)]
+    for name, attr, better in _MEAN_METRICS:
+        values = [float(getattr(m, attr)) for m in metrics]
+        records.append(_mean_record(task_label, name, values, better, details))
+    scored = [m.ref_nll for m in metrics if m.ref_nll is not None]
+    if scored:
+        records.append(_mean_record(task_label, "ref_nll", scored, False, details))
+    return records
+
+
+def _mean_record(
+    task: str, metric: str, values: list[float], higher_is_better: bool, details: dict[str, Any]
+) -> Record:
+    mean, lo, hi = mean_ci(np.asarray(values, dtype=np.float64))
+    return Record(task, metric, mean, lo, hi, len(values), higher_is_better, dict(details))
+
+
+def _details(
+    samples: Sequence[GenSample],
+    thresholds: CollapseThresholds,
+    verdicts: list[tuple[bool, list[str]]],
+    prompt_set: PromptSet | None,
+) -> dict[str, Any]:
+    prompts = [s.prompt for s in samples]
+    sha = prompts_sha256(prompts)
+    if prompt_set is not None:
+        name = prompt_set.name
+    else:
+        name = "default" if sha == prompts_sha256(DEFAULT_PROMPTS) else "custom"
+    families: dict[str, int] = {}
+    for _, reasons in verdicts:
+        for family in {r.split(":", 1)[0] for r in reasons}:
+            families[family] = families.get(family, 0) + 1
+    return {
+        "thresholds": thresholds.to_dict(),
+        "max_new_tokens": max(s.max_new_tokens for s in samples),
+        "prompts": {"name": name, "n": len(prompts), "sha256": sha},
+        "collapsed_prompts": [i for i, (c, _) in enumerate(verdicts) if c],
+        "reason_counts": dict(sorted(families.items())),
+        "examples": [
+            {
+                "prompt": s.prompt[-80:],
+                "text": s.text[:_EXAMPLE_CHARS],
+                "n_new": s.n_new,
+                "hit_eos": s.hit_eos,
+                "reasons": reasons,
+            }
+            for s, (_, reasons) in zip(samples[:_EXAMPLES], verdicts)
+        ],
+    }

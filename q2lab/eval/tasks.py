@@ -1,0 +1,223 @@
+"""Evaluation tasks named by strings, and the :class:`Evaluator` that runs them.
+
+Task strings (CLI ``--task``, study YAML ``tasks:``) are ``KIND:DATA``:
+
+=========================  ==========================================================
+``ppl:wikitext2``          perplexity on a corpus (name or .txt/.jsonl path)
+``kld:wikitext2``          KL(reference ‖ candidate), median, p99, top-1 agreement
+``mc:hellaswag``           multiple choice (name or generic .jsonl path): acc, acc_norm
+``gen:collapse``           greedy generation on the default prompts (``gen:default`` is the
+                           same; or a .txt/.jsonl prompt file): collapse rate, repetition
+=========================  ==========================================================
+
+``ppl`` and ``kld`` on the same corpus and windows share one candidate forward pass.  The
+reference's outputs (KLD log-probs, generation thresholds) are computed once per evaluator and
+reused for every candidate, so a study pays for the reference once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from q2lab.data.text import corpus_windows, load_corpus
+from q2lab.errors import ConfigError
+from q2lab.eval.likelihood import ReferenceCache, kld_records, ppl_records, score_windows
+from q2lab.eval.records import Record
+from q2lab.models.loader import LoadedModel
+from q2lab.utils.io import sha256_json
+
+KINDS = ("ppl", "kld", "mc", "gen")
+GEN_ALIASES = {"collapse": "default"}
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    kind: str
+    data: str
+    windows: int | None = 32  # ppl/kld: first N windows of the evaluation split
+    ctx: int = 512
+    limit: int | None = None  # mc: first N items; gen: first N prompts
+    max_new_tokens: int = 64
+    batch_size: int | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}:{self.data}"
+
+    def key(self) -> str:
+        """Hash of everything that changes the task's numbers (for resumable studies)."""
+        return sha256_json(dataclasses.asdict(self))[:12]
+
+
+_OPTION_KEYS = {f.name for f in dataclasses.fields(TaskSpec)} - {"kind", "data"}
+
+
+def parse_task(spec: str | dict[str, Any], **defaults: Any) -> TaskSpec:
+    """``"mc:hellaswag"`` or ``{"task": "mc:hellaswag", "limit": 100}`` → :class:`TaskSpec`."""
+    opts: dict[str, Any] = {k: v for k, v in defaults.items() if v is not None}
+    if isinstance(spec, dict):
+        spec = dict(spec)
+        name = spec.pop("task", None)
+        if not isinstance(name, str):
+            raise ConfigError(f"a task entry needs a 'task: KIND:DATA' string, got {spec!r}")
+        unknown = sorted(set(spec) - _OPTION_KEYS)
+        if unknown:
+            raise ConfigError(f"unknown task option(s) {unknown} for {name}; known: {sorted(_OPTION_KEYS)}")
+        opts.update(spec)
+    elif isinstance(spec, str):
+        name = spec
+    else:
+        raise ConfigError(f"a task must be a string like 'ppl:wikitext2' or a mapping, got {spec!r}")
+    kind, sep, data = name.partition(":")
+    if not sep or kind not in KINDS or not data:
+        raise ConfigError(f"task {name!r} must look like KIND:DATA with KIND one of {', '.join(KINDS)}")
+    if kind in ("mc", "gen"):
+        opts.pop("windows", None)
+    for key in ("windows", "ctx", "limit", "max_new_tokens", "batch_size"):
+        v = opts.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ConfigError(f"task {name}: {key} must be a positive integer, got {v!r}")
+    return TaskSpec(kind, data, **{k: v for k, v in opts.items() if k in _OPTION_KEYS})
+
+
+def check_data(task: TaskSpec) -> None:
+    """Resolve a task's data now, so a typo fails before any model is loaded."""
+    if task.kind in ("ppl", "kld"):
+        load_corpus(task.data, role="eval")
+    elif task.kind == "mc":
+        from q2lab.data.tasks.mc import load_mc_task
+
+        load_mc_task(task.data, limit=task.limit)
+    else:
+        from q2lab.eval.generation import load_prompts
+
+        load_prompts(GEN_ALIASES.get(task.data, task.data))
+
+
+@dataclass
+class Evaluator:
+    """Runs tasks on candidates against one reference, caching the reference's outputs."""
+
+    reference: LoadedModel | None
+    workdir: Path | None = None  # where reference log-probs are cached (None: in lockstep)
+    timings: dict[str, float] = field(default_factory=dict)
+    _ref_caches: dict[str, ReferenceCache] = field(default_factory=dict)
+    _thresholds: dict[str, Any] = field(default_factory=dict)
+
+    def run(self, candidate: LoadedModel, tasks: list[TaskSpec]) -> list[Record]:
+        """All records for ``candidate``; ``kld`` needs a reference, as does calibrating ``gen``."""
+        records: list[Record] = []
+        is_reference = self.reference is not None and candidate is self.reference
+        done: set[TaskSpec] = set()
+        for task in tasks:
+            if task in done:
+                continue
+            t0 = time.time()
+            if task.kind in ("ppl", "kld"):
+                twins = [
+                    t
+                    for t in tasks
+                    if t.kind in ("ppl", "kld")
+                    and (t.data, t.windows, t.ctx) == (task.data, task.windows, task.ctx)
+                ]
+                done.update(twins)
+                records += self._likelihood(candidate, twins, is_reference)
+            elif task.kind == "mc":
+                records += self._mc(candidate, task)
+            else:
+                records += self._gen(candidate, task, is_reference)
+            done.add(task)
+            self.timings[task.label] = round(time.time() - t0, 2)
+        return records
+
+    # ----------------------------------------------------------------- ppl / kld
+    def _likelihood(self, candidate: LoadedModel, twins: list[TaskSpec], is_reference: bool) -> list[Record]:
+        task = twins[0]
+        want_kld = any(t.kind == "kld" for t in twins) and not is_reference
+        if want_kld and self.reference is None:
+            raise ConfigError(f"task kld:{task.data} needs a reference model (--ref)")
+        corpus = load_corpus(task.data, role="eval")
+        windows = corpus_windows(candidate, corpus, task.windows, task.ctx)
+        reference = self._reference_logprobs(task, corpus.sha256, windows) if want_kld else None
+        stats = score_windows(candidate.model, windows, reference, desc=f"{task.data} ppl/kld")
+        details = {
+            "data": corpus.name,
+            "data_sha256": corpus.sha256,
+            "windows": int(windows.shape[0]),
+            "ctx": task.ctx,
+            "add_bos": candidate.info.add_bos,
+            "scored": "positions 1..ctx-1 of each window",
+            "tokens_scored": int(sum(stats.tokens)),
+        }
+        out: list[Record] = []
+        for t in twins:
+            if t.kind == "ppl":
+                out += ppl_records(t.label, stats, details)
+            elif want_kld:
+                out += kld_records(t.label, stats, details)
+        return out
+
+    def _reference_logprobs(self, task: TaskSpec, corpus_sha: str, windows: torch.Tensor):
+        assert self.reference is not None
+        if self.workdir is None:
+            return self.reference.model
+        key = sha256_json(
+            [
+                self.reference.info.fingerprint,
+                corpus_sha,
+                task.windows,
+                task.ctx,
+                windows.shape[0],
+                self.reference.info.add_bos,
+            ]
+        )[:16]
+        if key not in self._ref_caches:
+            path = Path(self.workdir) / f"reference-{key}.f16"
+            self._ref_caches[key] = ReferenceCache.build(self.reference.model, windows, path, key)
+        return self._ref_caches[key]
+
+    # ----------------------------------------------------------------- multiple choice
+    def _mc(self, candidate: LoadedModel, task: TaskSpec) -> list[Record]:
+        from q2lab.data.tasks.mc import load_mc_task
+        from q2lab.eval.multiple_choice import mc_records, score_mc
+
+        mc = load_mc_task(task.data, limit=task.limit)
+        kw = {"batch_size": task.batch_size} if task.batch_size else {}
+        return mc_records(task.label, mc, score_mc(candidate, mc, **kw))
+
+    # ----------------------------------------------------------------- generation
+    def _gen(self, candidate: LoadedModel, task: TaskSpec, is_reference: bool) -> list[Record]:
+        """Greedy generations, judged against thresholds calibrated on the reference's own
+        generations; the reference also scores the candidate's text (NLL), which catches
+        fluent-looking word salad that repetition metrics miss."""
+        from q2lab.eval.generation import PromptSet, collapse_records, generate, load_prompts, reference_nll
+
+        prompts = load_prompts(GEN_ALIASES.get(task.data, task.data))
+        if task.limit:
+            prompts = PromptSet.from_prompts(prompts.name, prompts.prompts[: task.limit])
+        samples = generate(candidate, prompts, max_new_tokens=task.max_new_tokens)
+        thresholds = self._gen_thresholds(task, prompts, samples if is_reference else None)
+        ref_nll = reference_nll(self.reference, samples) if self.reference is not None else None
+        return collapse_records(task.label, samples, thresholds, ref_nll=ref_nll, prompt_set=prompts)
+
+    def _gen_thresholds(self, task: TaskSpec, prompts, own_samples):
+        from q2lab.eval.generation import CollapseThresholds, generate, reference_nll
+
+        key = f"{task.data}|{task.limit}|{task.max_new_tokens}|{prompts.sha256}"
+        if key not in self._thresholds:
+            if self.reference is None:
+                self._thresholds[key] = CollapseThresholds()
+            else:
+                ref_samples = own_samples or generate(
+                    self.reference, prompts, max_new_tokens=task.max_new_tokens
+                )
+                self._thresholds[key] = CollapseThresholds.from_reference(
+                    ref_samples, ref_nll=reference_nll(self.reference, ref_samples)
+                )
+        return self._thresholds[key]

@@ -1,0 +1,1 @@
+"""Export: q2lab checkpoints (safetensors + manifest); GGUF export lives in gguf.py."""
