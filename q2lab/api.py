@@ -1,0 +1,106 @@
+"""Public Python API: the same operations as the CLI, as plain functions.
+
+from q2lab import api
+store = api.calibrate("smollm2-135m", corpus="wikitext2", windows=128, ctx=512)
+report = api.quantize("smollm2-135m", "gptq", {"bits": 2, "group_size": 128}, out="ckpt/")
+records = api.evaluate("ckpt/", tasks=["ppl:wikitext2", "kld:wikitext2"], ref="smollm2-135m")
+api.run_study("examples/quickstart.yaml", "runs/quickstart")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from q2lab.calib.store import MANIFEST, CalibSpec, HessianStore
+from q2lab.calib.store import calibrate as _calibrate
+from q2lab.errors import ConfigError
+from q2lab.eval.records import Record
+from q2lab.eval.tasks import Evaluator, check_data, parse_task
+from q2lab.models.loader import LoadedModel, load_model
+from q2lab.quant.base import get_quantizer, make_config
+from q2lab.quant.model import quantize_model
+from q2lab.study.runner import run_study
+
+__all__ = ["calibrate", "evaluate", "load_model", "quantize", "run_study"]
+
+
+def _as_loaded(model: str | LoadedModel) -> LoadedModel:
+    return model if isinstance(model, LoadedModel) else load_model(model)
+
+
+def calibrate(
+    model: str | LoadedModel,
+    corpus: str = "wikitext2",
+    windows: int = 128,
+    ctx: int = 512,
+    seed: int = 0,
+    out: str | Path | None = None,
+) -> HessianStore:
+    """Compute (or reuse) the shared Hessian store of ``model``."""
+    return _calibrate(
+        _as_loaded(model), CalibSpec(corpus, windows, ctx, seed), root=Path(out) if out else None
+    )
+
+
+def open_store(loaded: LoadedModel, calib: str | Path, spec: CalibSpec) -> HessianStore:
+    """``calib`` is a store folder (used as is, after checking it fits the model) or a store root."""
+    path = Path(calib)
+    if (path / MANIFEST).exists():
+        store = HessianStore(path)
+        fp = store.manifest.get("model_fingerprint")
+        if fp != loaded.info.fingerprint:
+            raise ConfigError(
+                f"Hessian store {path} was computed for model {store.manifest.get('model')} "
+                f"({str(fp)[:12]}…), "
+                f"not for {loaded.info.name} ({loaded.info.fingerprint[:12]}…)"
+            )
+        return store
+    return _calibrate(loaded, spec, root=path)
+
+
+def quantize(
+    model: str | LoadedModel,
+    method: str,
+    options: dict[str, Any] | None = None,
+    *,
+    out: str | Path | None = None,
+    calib: str | Path | None = None,
+    corpus: str = "wikitext2",
+    windows: int = 128,
+    ctx: int = 512,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Quantize ``model`` in place with ``method``; save a checkpoint to ``out`` if given."""
+    cfg = make_config(method, options)  # validate before loading anything
+    loaded = _as_loaded(model)
+    store = None
+    if get_quantizer(method).needs_hessian:
+        spec = CalibSpec(corpus, windows, ctx, seed)
+        store = open_store(loaded, calib, spec) if calib else _calibrate(loaded, spec)
+    report = quantize_model(loaded.model, method, cfg, store)
+    summary = report.to_dict(per_layer=True)
+    if store is not None:
+        summary["hessians"] = store.describe()
+    if out:
+        from q2lab.export.checkpoint import save_checkpoint
+
+        save_checkpoint(loaded, out, summary)
+    return summary
+
+
+def evaluate(
+    candidate: str | LoadedModel,
+    tasks: list[str | dict],
+    ref: str | LoadedModel | None = None,
+    *,
+    limit: int | None = None,
+    windows: int | None = None,
+    ctx: int | None = None,
+) -> list[Record]:
+    """Evaluate ``candidate`` on ``tasks`` (strings like ``"ppl:wikitext2"``) against ``ref``."""
+    specs = [parse_task(t, limit=limit, windows=windows or limit, ctx=ctx) for t in tasks]
+    for spec in specs:
+        check_data(spec)
+    reference = _as_loaded(ref) if ref is not None else None
+    return Evaluator(reference).run(_as_loaded(candidate), specs)

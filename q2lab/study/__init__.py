@@ -1,0 +1,1 @@
+"""Study grids from YAML: runner (local or Ray) and reports."""

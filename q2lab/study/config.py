@@ -1,0 +1,214 @@
+"""Study YAML schema: models × methods × bits × options grid, one calibration, a task list.
+
+Example (``examples/quickstart.yaml``)::
+
+    name: quickstart
+    models: [smollm2-135m]
+    calibration: {corpus: wikitext2, windows: 32, ctx: 512, seed: 0}
+    methods:
+      - method: fp                       # the float reference row
+      - {method: rtn, bits: [2, 3, 4], group_size: 128}
+      - {method: gptq, bits: [2, 3, 4], group_size: 128}
+    tasks:
+      - ppl:wikitext2
+      - kld:wikitext2
+      - {task: mc:arc_easy, limit: 100}
+      - gen:collapse
+    eval: {windows: 16, ctx: 512}       # defaults for ppl/kld tasks
+
+Any list-valued option of a method entry is a grid axis (cartesian product).  Everything is
+validated on load, so a typo fails before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from q2lab.calib.store import CalibSpec
+from q2lab.errors import ConfigError
+from q2lab.eval.tasks import TaskSpec, check_data, parse_task
+from q2lab.quant.base import MethodConfig, get_quantizer, make_config
+from q2lab.utils.io import sha256_json
+
+REFERENCE_METHOD = "fp"
+_TOP_KEYS = {
+    "name",
+    "description",
+    "seed",
+    "models",
+    "dtype",
+    "calibration",
+    "methods",
+    "tasks",
+    "eval",
+    "skip",
+}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One grid point: a model and a method with fixed options."""
+
+    model: str
+    method: str  # registry name, or "fp"
+    options: dict[str, Any]
+    config: MethodConfig | None  # None for the reference
+
+    @property
+    def is_reference(self) -> bool:
+        return self.method == REFERENCE_METHOD
+
+    @property
+    def bits(self) -> int | None:
+        return None if self.config is None else int(self.config.bits)
+
+    @property
+    def id(self) -> str:
+        model = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(self.model).name or self.model)
+        if self.is_reference:
+            return f"{model}/fp"
+        opts = self.config.to_dict() if self.config else {}
+        g = opts.get("group_size", "-")
+        return f"{model}/{self.method}-b{self.bits}-g{g}-{sha256_json(opts)[:6]}"
+
+    @property
+    def label(self) -> str:
+        if self.is_reference:
+            return "FP"
+        opts = self.config.to_dict() if self.config else {}
+        g = opts.get("group_size")
+        extra = " ".join(
+            f"{k}={v}" for k, v in sorted(self.options.items()) if k not in ("bits", "group_size")
+        )
+        return " ".join(x for x in (f"{self.method.upper()} {self.bits}b", f"g{g}" if g else "", extra) if x)
+
+
+@dataclass
+class StudyConfig:
+    name: str
+    models: list[str]
+    cells: list[Cell]
+    tasks: list[TaskSpec]
+    calibration: CalibSpec | None
+    calibration_store: str | None = None
+    seed: int = 0
+    dtype: str = "float32"
+    description: str = ""
+    skip: list[str] = field(default_factory=list)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def needs_hessians(self) -> bool:
+        return any(not c.is_reference and get_quantizer(c.method).needs_hessian for c in self.cells)
+
+
+def load_study(path: str | Path) -> StudyConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"study file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from e
+    return parse_study(raw, source=str(path))
+
+
+def parse_study(raw: Any, source: str = "study") -> StudyConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: a study must be a YAML mapping")
+    unknown = sorted(set(raw) - _TOP_KEYS)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {unknown}; known: {sorted(_TOP_KEYS)}")
+    models = raw.get("models")
+    if isinstance(models, str):
+        models = [models]
+    if not models or not all(isinstance(m, str) for m in models):
+        raise ConfigError(f"{source}: 'models' must be a non-empty list of model names or paths")
+    methods = raw.get("methods")
+    if not isinstance(methods, list) or not methods:
+        raise ConfigError(f"{source}: 'methods' must be a non-empty list")
+    tasks_raw = raw.get("tasks")
+    if not isinstance(tasks_raw, list) or not tasks_raw:
+        raise ConfigError(f"{source}: 'tasks' must be a non-empty list")
+    eval_defaults = _mapping(raw.get("eval"), f"{source}: eval")
+    tasks = [parse_task(t, **eval_defaults) for t in tasks_raw]
+    labels = [t.label for t in tasks]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"{source}: each task may appear once, got {labels}")
+    for t in tasks:
+        check_data(t)
+    cells = [cell for m in models for entry in methods for cell in _expand(m, entry, source)]
+    ids = [c.id for c in cells]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise ConfigError(f"{source}: the grid has duplicate cells {dupes}")
+    calib = _calibration(raw.get("calibration"), source)
+    cfg = StudyConfig(
+        name=str(raw.get("name") or Path(source).stem),
+        models=list(models),
+        cells=cells,
+        tasks=tasks,
+        calibration=calib[0],
+        calibration_store=calib[1],
+        seed=int(raw.get("seed", 0)),
+        dtype=str(raw.get("dtype", "float32")),
+        description=str(raw.get("description", "")),
+        skip=list(raw.get("skip") or []),
+        raw=raw,
+    )
+    if cfg.needs_hessians and cfg.calibration is None:
+        raise ConfigError(
+            f"{source}: methods that need Hessians are listed but there is no 'calibration' section"
+        )
+    return cfg
+
+
+def _mapping(value: Any, what: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{what} must be a mapping")
+    return dict(value)
+
+
+def _calibration(value: Any, source: str) -> tuple[CalibSpec | None, str | None]:
+    if value is None:
+        return None, None
+    spec = _mapping(value, f"{source}: calibration")
+    store = spec.pop("store", None)
+    known = {"corpus", "windows", "ctx", "seed"}
+    unknown = sorted(set(spec) - known)
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown calibration key(s) {unknown}; known: {sorted(known | {'store'})}"
+        )
+    for key in ("windows", "ctx"):
+        if key in spec and (not isinstance(spec[key], int) or spec[key] < 1):
+            raise ConfigError(f"{source}: calibration {key} must be a positive integer, got {spec[key]!r}")
+    return CalibSpec(**spec), store
+
+
+def _expand(model: str, entry: Any, source: str) -> list[Cell]:
+    if isinstance(entry, str):
+        entry = {"method": entry}
+    if not isinstance(entry, dict) or "method" not in entry:
+        raise ConfigError(f"{source}: each methods entry needs a 'method' key, got {entry!r}")
+    entry = dict(entry)
+    method = str(entry.pop("method")).lower()
+    if method == REFERENCE_METHOD:
+        if entry:
+            raise ConfigError(f"{source}: the fp reference takes no options, got {sorted(entry)}")
+        return [Cell(model, method, {}, None)]
+    name = get_quantizer(method).name
+    axes = {k: (v if isinstance(v, list) else [v]) for k, v in entry.items()}
+    cells = []
+    for combo in itertools.product(*axes.values()):
+        options = dict(zip(axes.keys(), combo))
+        cells.append(Cell(model, name, options, make_config(name, options)))
+    return cells

@@ -1,0 +1,220 @@
+"""Run a study grid: calibrate once per model, then quantize and evaluate each cell.
+
+Results go to ``<out>/results.jsonl``, one record per cell × task × metric, appended as each
+cell finishes.  A rerun skips every (cell, task) whose records are already there with the
+same task settings, so an interrupted study resumes where it stopped and a finished one
+only rewrites its report.  Calibration is a dependency of the cells: the Hessian store is
+computed once (or found in the cache) and shared by every method.
+
+Cells run in this process by default.  ``ray=True`` runs each cell as a Ray task (each
+worker loads its own reference model; the Hessian store and reference caches are files,
+so they are shared through the filesystem).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from q2lab.calib.store import HessianStore, calibrate
+from q2lab.errors import Q2labError
+from q2lab.eval.tasks import Evaluator, TaskSpec
+from q2lab.models.loader import LoadedModel, load_model
+from q2lab.quant.model import quantize_model
+from q2lab.study.config import Cell, StudyConfig, load_study
+from q2lab.utils.io import sha256_json
+from q2lab.utils.provenance import machine, versions
+
+RESULTS = "results.jsonl"
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    from q2lab.study.report import load_results
+
+    return load_results(path) if path.exists() else []
+
+
+def done_keys(rows: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    """(cell id, task key) pairs already evaluated."""
+    return {(r["cell"], r.get("task_key", "")) for r in rows if "cell" in r}
+
+
+def append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Append whole lines and fsync, so a crash never leaves a partial record behind."""
+    data = "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in rows)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def run_study(
+    study: str | Path | StudyConfig,
+    out: str | Path,
+    *,
+    use_ray: bool = False,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Run (or resume) a study; returns the results path.  Writes report.md and pareto.png."""
+    cfg = study if isinstance(study, StudyConfig) else load_study(study)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / RESULTS
+    done = done_keys(read_results(results))
+    for model in cfg.models:
+        cells = [c for c in cfg.cells if c.model == model]
+        todo = [(c, [t for t in cfg.tasks if (c.id, t.key()) not in done]) for c in cells]
+        todo = [(c, ts) for c, ts in todo if ts]
+        if not todo:
+            log(f"{model}: all {len(cells)} cells already in {results}")
+            continue
+        store_path = _calibrate_if_needed(cfg, model, todo, log)
+        if use_ray:
+            _run_ray(cfg, model, todo, store_path, out, results, log)
+        else:
+            ctx = _CellContext(cfg, model, store_path, out)
+            for cell, tasks in todo:
+                append_rows(results, ctx.run(cell, tasks, log))
+            del ctx
+            gc.collect()
+    from q2lab.study.report import write_report
+
+    write_report(read_results(results), out, title=f"q2lab study: {cfg.name}")
+    return results
+
+
+def _calibrate_if_needed(cfg: StudyConfig, model: str, todo, log) -> str | None:
+    from q2lab.quant.base import get_quantizer
+
+    if not any(not c.is_reference and get_quantizer(c.method).needs_hessian for c, _ in todo):
+        return None
+    assert cfg.calibration is not None
+    ref = load_model(model, dtype=cfg.dtype)
+    t0 = time.time()
+    store = calibrate(
+        ref, cfg.calibration, root=Path(cfg.calibration_store) if cfg.calibration_store else None
+    )
+    log(f"{model}: Hessians at {store.path} ({time.time() - t0:.1f} s; reused if ≈0)")
+    del ref
+    gc.collect()
+    return str(store.path)
+
+
+class _CellContext:
+    """What cells of one model share in one process: the reference, its caches, the store."""
+
+    def __init__(self, cfg: StudyConfig, model: str, store_path: str | None, out: Path) -> None:
+        self.cfg, self.model_name = cfg, model
+        self.reference = load_model(model, dtype=cfg.dtype)
+        self.store = HessianStore(Path(store_path)) if store_path else None
+        cache = out / "cache"
+        cache.mkdir(exist_ok=True)
+        self.evaluator = Evaluator(self.reference, workdir=cache)
+
+    def run(self, cell: Cell, tasks: list[TaskSpec], log) -> list[dict[str, Any]]:
+        log(f"cell {cell.id}: {', '.join(t.label for t in tasks)}")
+        t0 = time.time()
+        if cell.is_reference:
+            candidate, qinfo = self.reference, {"bpw": 16.0, "method": "fp"}
+        else:
+            candidate = load_model(self.model_name, dtype=self.cfg.dtype)
+            assert cell.config is not None
+            report = quantize_model(candidate.model, cell.method, cell.config, self.store, skip=self.cfg.skip)
+            qinfo = report.to_dict()
+        t_quant = time.time() - t0
+        self.evaluator.timings.clear()
+        records = self.evaluator.run(candidate, tasks)
+        rows = [
+            self._row(cell, candidate, qinfo, t_quant, task_of(r.task, tasks), r.to_dict()) for r in records
+        ]
+        if candidate is not self.reference:
+            del candidate
+            gc.collect()
+        log(f"cell {cell.id}: bpw {qinfo['bpw']:.4f}, {time.time() - t0:.1f} s")
+        return rows
+
+    def _row(
+        self, cell: Cell, cand: LoadedModel, qinfo: dict, t_quant: float, task: TaskSpec, rec: dict[str, Any]
+    ) -> dict[str, Any]:
+        hessians = self.store.describe() if self.store and not cell.is_reference else None
+        return {
+            "study": self.cfg.name,
+            "cell": cell.id,
+            "model": cell.model,
+            "method": cell.method,
+            "bits": cell.bits,
+            "label": cell.label,
+            "options": cell.config.to_dict() if cell.config else {},
+            "is_reference": cell.is_reference,
+            "bpw": qinfo["bpw"],
+            "quantized_fraction": qinfo.get("quantized_fraction"),
+            "task_key": task.key(),
+            **rec,
+            "task_settings": _task_dict(task),
+            "quant": {
+                k: qinfo.get(k) for k in ("proxy_rel_mean", "notes", "quantized_params", "float_params")
+            },
+            "provenance": {
+                "model_fingerprint": cand.info.fingerprint,
+                "model_kind": cand.info.kind,
+                "add_bos": cand.info.add_bos,
+                "model_notes": cand.info.notes,
+                "calibration": _calibration_summary(hessians),
+                "hessians": hessians,
+                "study_seed": self.cfg.seed,
+                "config_sha256": sha256_json(self.cfg.raw),
+                "versions": versions(),
+                "machine": machine(),
+            },
+            "timings": {"quantize_s": round(t_quant, 2), "eval_s": self.evaluator.timings.get(task.label)},
+        }
+
+
+def _calibration_summary(h: dict[str, Any] | None) -> str | None:
+    if not h:
+        return None
+    return (
+        f"{h['corpus']} {h['windows']}×{h['ctx']} seed {h['seed']} ({h['tokens']} tokens, "
+        f"corpus sha256 {str(h['corpus_sha256'])[:12]}…, store key {str(h['key'])[:12]}…)"
+    )
+
+
+def task_of(label: str, tasks: list[TaskSpec]) -> TaskSpec:
+    for t in tasks:
+        if t.label == label:
+            return t
+    raise Q2labError(f"internal: record for unknown task {label}")
+
+
+def _task_dict(task: TaskSpec) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(task)
+
+
+def _run_ray(cfg: StudyConfig, model: str, todo, store_path, out: Path, results: Path, log) -> None:
+    try:
+        import ray
+    except ImportError as e:
+        raise Q2labError("--ray needs Ray: pip install 'q2lab[ray]'") from e
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, log_to_driver=False)
+
+    @ray.remote(num_cpus=max(1, (os.cpu_count() or 2) // 2))
+    def run_cell(cell: Cell, tasks: list[TaskSpec]) -> list[dict[str, Any]]:
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+        return _CellContext(cfg, model, store_path, out).run(cell, tasks, lambda m: None)
+
+    pending = {run_cell.remote(c, ts): c for c, ts in todo}
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        cell = pending.pop(ready[0])
+        append_rows(results, ray.get(ready[0]))
+        log(f"cell {cell.id} done (ray)")

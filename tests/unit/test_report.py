@@ -1,0 +1,286 @@
+"""Study report: tables, bold best, Pareto frontier, dissociation flag, PNG, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from q2lab.errors import DataError
+from q2lab.study import report
+
+MODEL = "tiny-llama"
+
+
+def row(cell: str, task: str, metric: str, value: float | None, **kw: Any) -> dict[str, Any]:
+    """One results.jsonl row; ``cell`` is the short id, method/bits/bpw inferred from it."""
+    method, _, rest = cell.partition("-b")
+    is_ref = method == "fp"
+    bits = None if is_ref else int(rest.split("-")[0])
+    ci = kw.pop("ci", (None, None) if value is None else (value * 0.9, value * 1.1))
+    base = {
+        "study": "unit",
+        "cell": f"{MODEL}/{cell}",
+        "model": MODEL,
+        "method": method,
+        "bits": bits,
+        "label": "fp16" if is_ref else f"{method.upper()} {bits}b",
+        "options": {} if is_ref else {"group_size": 128},
+        "bpw": 16.0 if is_ref else bits + 0.25 + (0.02 if method == "gptq" else 0.0),
+        "task": task,
+        "metric": metric,
+        "value": value,
+        "ci_low": ci[0],
+        "ci_high": ci[1],
+        "n": 32,
+        "higher_is_better": metric in ("acc", "acc_norm", "top1_agree"),
+        "details": {},
+        "provenance": {"versions": {"torch": "2.13.0"}, "model_fingerprint": "fp-abc", "seed": 7},
+        "timings": {"quantize_s": 1.5},
+    }
+    if is_ref:
+        base["is_reference"] = True
+    base.update(kw)
+    return base
+
+
+PPL = {"fp": 10.0, "gptq-b2": 30.0, "gptq-b4": 10.5, "rtn-b2": 900.0, "rtn-b4": 11.0}
+KLD = {"gptq-b2": 0.8, "gptq-b4": 0.04, "rtn-b2": 3.0, "rtn-b4": 0.06}
+
+
+@pytest.fixture()
+def rows() -> list[dict[str, Any]]:
+    out = []
+    for cell, ppl in PPL.items():
+        out.append(row(cell, "ppl:wikitext2", "ppl", ppl))
+        if cell in KLD:
+            out.append(row(cell, "kld:wikitext2", "kld_mean", KLD[cell]))
+    return out
+
+
+def first_table(text: str) -> list[str]:
+    """Lines of the first markdown table in ``text`` (header and rule included)."""
+    lines = text.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return lines[start:end]
+
+
+def table_rows(text: str, heading: str = f"## {MODEL}\n") -> dict[str, list[str]]:
+    """The table after ``heading`` as {cell name: [column texts...]}."""
+    lines = first_table(text.split(heading, 1)[1])[2:]
+    cells = [[c.strip() for c in ln.strip("|").split(" | ")] for ln in lines]
+    return {c[0]: c[1:] for c in cells}
+
+
+# --------------------------------------------------------------------------- tables
+def test_main_table_has_one_row_per_cell_with_values_and_cis(rows):
+    text = report.render_markdown(rows)
+    table = table_rows(text)
+    assert list(table) == ["fp16 (reference)", "GPTQ 2b", "GPTQ 4b", "RTN 2b", "RTN 4b"]
+    # columns: bpw, kld_mean, ppl (KLD first: the most sensitive signal)
+    # one precision per column, enough for its smallest value (0.0400)
+    assert table["GPTQ 2b"] == ["2.270", "0.8000 [0.7200, 0.8800]", "30.00 [27.00, 33.00]"]
+    assert table["RTN 2b"][2] == "900.00 [810.00, 990.00]"
+    assert table["fp16 (reference)"][0] == "16.000"
+
+
+def test_best_non_reference_value_is_bold_and_reference_never(rows):
+    rows.append(row("fp", "kld:wikitext2", "kld_mean", 0.0))  # reference would otherwise win
+    table = table_rows(report.render_markdown(rows))
+    assert table["GPTQ 4b"][1].startswith("**0.0400**")
+    assert table["GPTQ 4b"][2].startswith("**10.50**")
+    assert "**" not in table["fp16 (reference)"][1] + table["fp16 (reference)"][2]
+    assert sum(c.count("**") for r in table.values() for c in r) == 4  # exactly two bold cells
+
+
+def test_higher_is_better_metric_bolds_the_maximum():
+    values = {"fp": 0.5, "gptq-b2": 0.4, "rtn-b2": 0.3}
+    rows = [row(c, "mc:hellaswag", "acc_norm", v) for c, v in values.items()]
+    table = table_rows(report.render_markdown(rows))
+    assert table["GPTQ 2b"][1].startswith("**0.400**")
+    assert "**" not in table["RTN 2b"][1]
+
+
+def test_missing_metric_renders_as_dash(rows):
+    rows = [r for r in rows if r["cell"] != f"{MODEL}/rtn-b4" or r["task"] != "kld:wikitext2"]
+    rows.append(row("gptq-b2", "mc:hellaswag", "acc", 0.41))
+    rows.append(row("rtn-b2", "mc:hellaswag", "acc", None))  # a null value counts as missing too
+    table = table_rows(report.render_markdown(rows))
+    assert table["RTN 4b"][1] == report.MISSING
+    assert table["RTN 2b"][3] == report.MISSING  # acc shown because there is no acc_norm
+    assert table["fp16 (reference)"][1] == report.MISSING
+
+
+def test_value_without_ci_is_shown_alone():
+    rows = [row("gptq-b2", "gen:collapse", "rep4", 0.25, ci=(None, None))]
+    assert "| **0.250** |" in report.render_markdown(rows)
+
+
+def test_detail_tables_list_every_metric_of_a_task(rows):
+    rows.append(row("gptq-b2", "kld:wikitext2", "kld_p99", 7.5))
+    rows.append(row("gptq-b2", "kld:wikitext2", "top1_agree", 0.8))
+    detail = first_table(report.render_markdown(rows).split(f"### {MODEL}: kld:wikitext2\n", 1)[1])
+    assert detail[0] == "| Cell | n | kld_mean ↓ | kld_p99 ↓ | top1_agree ↑ |"
+    gptq2 = "| GPTQ 2b | 32 | 0.8000 [0.7200, 0.8800] | **7.500** [6.750, 8.250] | **0.800** [0.720, 0.880] |"
+    assert gptq2 in detail
+
+
+def test_last_duplicate_row_wins(rows):
+    rows.append(row("gptq-b2", "ppl:wikitext2", "ppl", 29.0))
+    assert table_rows(report.render_markdown(rows))["GPTQ 2b"][2].startswith("29.00")
+
+
+def test_provenance_summary_flags_disagreement(rows):
+    rows[-1]["provenance"] = {**rows[-1]["provenance"], "versions": {"torch": "2.12.0"}}
+    text = report.render_markdown(rows)
+    assert "fingerprint `fp-abc`" in text
+    assert "torch `2.13.0`, `2.12.0` (**differs across cells**)" in text
+
+
+# --------------------------------------------------------------------------- dissociation
+def _dissociation_rows(acc: float) -> list[dict[str, Any]]:
+    return [
+        row("fp", "mc:hellaswag", "acc_norm", 0.40, ci=(0.38, 0.42)),
+        row("fp", "gen:collapse", "collapse_rate", 0.0, ci=(0.0, 0.05)),
+        row("gptq-b2", "mc:hellaswag", "acc_norm", acc),
+        row(
+            "gptq-b2",
+            "gen:collapse",
+            "collapse_rate",
+            0.3,
+            details={"examples": [{"text": "a a a a ``` a", "reasons": ["rep4"]}]},
+        ),
+        row("gptq-b4", "mc:hellaswag", "acc_norm", 0.40),
+        row("gptq-b4", "gen:collapse", "collapse_rate", 0.0),
+    ]
+
+
+def test_dissociation_is_flagged_when_mc_matches_reference_but_generation_collapses():
+    text = report.render_markdown(_dissociation_rows(acc=0.39))
+    assert "**Dissociation (MC vs generation).**" in text
+    assert "GPTQ 2b** (`tiny-llama/gptq-b2`): collapse_rate 0.300 (reference: 0.000) on" in text
+    assert "GPTQ 2b †" in text and "GPTQ 4b †" not in text
+    # the collapsed generation is shown verbatim inside a fence longer than its backtick run
+    assert "````text\na a a a ``` a\n````" in text
+
+
+def test_no_dissociation_when_mc_accuracy_also_drops():
+    text = report.render_markdown(_dissociation_rows(acc=0.30))
+    assert "Dissociation (MC vs generation)" not in text
+    assert "†" not in text.split("## Provenance", 1)[1]
+
+
+# --------------------------------------------------------------------------- pareto
+def test_pareto_frontier_lower_is_better():
+    points = [
+        (2.0, 5.0),  # 0: fewest bits → on the frontier
+        (2.5, 6.0),  # 1: more bits and worse → dominated by 0
+        (3.0, 1.0),  # 2: on
+        (3.0, 2.0),  # 3: same bits as 2, worse → dominated
+        (4.0, 1.0),  # 4: same value as 2 with more bits → dominated
+        (4.5, 0.5),  # 5: on
+        (5.0, math.nan),  # 6: not a number → ignored
+    ]
+    assert report.pareto_frontier(points) == [0, 2, 5]
+
+
+def test_pareto_frontier_higher_is_better_and_duplicates():
+    points = [(4.0, 0.9), (2.0, 0.6), (3.0, 0.55), (2.0, 0.6), (3.0, 0.8)]
+    assert report.pareto_frontier(points, higher_is_better=True) == [1, 4, 0]
+    assert report.pareto_frontier([]) == []
+
+
+def test_report_lists_the_frontier(rows):
+    rows.append(row("gptq-b3", "ppl:wikitext2", "ppl", 10.8))  # fewer bits and better than RTN 4b (11.0)
+    frontier = "RTN 2b (2.250) → GPTQ 2b (2.270) → GPTQ 3b (3.270) → GPTQ 4b (4.270)"
+    assert f"- Pareto frontier, bpw vs ppl:wikitext2 ppl: {frontier}" in report.render_markdown(rows)
+
+
+# --------------------------------------------------------------------------- files
+def png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_write_report_writes_markdown_and_a_valid_png(rows, tmp_path):
+    rows.append(row("gptq-b2", "mc:hellaswag", "acc_norm", 0.4))
+    paths = report.write_report(rows, tmp_path / "study", title="Unit study")
+    assert set(paths) == {"report", "plot"}
+    text = paths["report"].read_text(encoding="utf-8")
+    assert text.startswith("# Unit study\n")
+    assert "![bpw against quality, Pareto frontier](pareto.png)" in text
+    width, height = png_size(paths["plot"].read_bytes())
+    assert 800 <= width <= 3000 and 300 <= height <= 2000  # three panels in one row
+    assert sorted(p.name for p in (tmp_path / "study").iterdir()) == ["pareto.png", "report.md"]
+
+
+def test_one_row_of_panels_per_model(rows, tmp_path):
+    other = [{**r, "model": "other", "cell": r["cell"].replace(MODEL, "other")} for r in rows]
+    one = png_size(report.write_report(rows, tmp_path / "a")["plot"].read_bytes())
+    two = png_size(report.write_report(rows + other, tmp_path / "b")["plot"].read_bytes())
+    assert two[0] == one[0] and two[1] > 1.7 * one[1]
+
+
+def test_failed_write_leaves_previous_files_and_no_temporaries(rows, tmp_path, monkeypatch):
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / "report.md").write_text("old report")
+    real_write = Path.write_bytes
+
+    def failing_write(self: Path, data: bytes) -> int:
+        if "pareto" in self.name:
+            raise OSError("disk full")
+        return real_write(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", failing_write)
+    with pytest.raises(OSError, match="disk full"):
+        report.write_report(rows, out)
+    assert [p.name for p in out.iterdir()] == ["report.md"]
+    assert (out / "report.md").read_text() == "old report"
+
+
+def test_failed_rendering_writes_nothing(rows, tmp_path, monkeypatch):
+    def boom(models):
+        raise RuntimeError("matplotlib broke")
+
+    monkeypatch.setattr(report, "render_pareto_png", boom)
+    with pytest.raises(RuntimeError):
+        report.write_report(rows, tmp_path / "study")
+    assert not (tmp_path / "study").exists() or not any((tmp_path / "study").iterdir())
+
+
+# --------------------------------------------------------------------------- loading
+def test_load_results_skips_blank_lines(rows, tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n\n  \n" + json.dumps(rows[2]) + "\n")
+    assert report.load_results(path) == rows[:3]
+
+
+def test_load_results_names_the_bad_line(tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_text('{"cell": "a"}\n\n{"cell": \n')
+    with pytest.raises(DataError, match=r"results\.jsonl:3: invalid JSON"):
+        report.load_results(path)
+    path.write_text("[1, 2]\n")
+    with pytest.raises(DataError, match=r":1: expected a JSON object"):
+        report.load_results(path)
+    with pytest.raises(DataError, match="does not exist"):
+        report.load_results(tmp_path / "missing.jsonl")
+
+
+def test_rows_without_a_task_are_rejected_with_their_number(rows):
+    del rows[1]["task"]
+    with pytest.raises(DataError, match="result row 2 lacks task"):
+        report.render_markdown(rows)
+
+
+def test_empty_results_still_render(tmp_path):
+    paths = report.write_report([], tmp_path)
+    assert "No results." in paths["report"].read_text(encoding="utf-8")
+    png_size(paths["plot"].read_bytes())

@@ -1,0 +1,202 @@
+"""Study runner: grid expansion, shared calibration, resumability, report; the CLI surface."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from q2lab import cli
+from q2lab.calib import store as store_mod
+from q2lab.errors import ConfigError
+from q2lab.study import runner
+from q2lab.study.config import parse_study
+from tests.tiny import TINY_TEXT, make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    lm = make_tiny_model("llama")
+    lm.model.save_pretrained(root / "tiny")
+    lm.tokenizer.save_pretrained(root / "tiny")
+    (root / "text.txt").write_text(TINY_TEXT * 40, encoding="utf-8")
+    items = [
+        {"context": "The quick brown fox", "choices": ["jumps", "sleeps", "sings"], "label": 0},
+        {"context": "All that glitters", "choices": ["is not gold", "is silver"], "label": 0},
+    ] * 3
+    (root / "mc.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items), encoding="utf-8")
+    (root / "prompts.txt").write_text("The quick brown fox\nLitwo, ojczyzno moja\n", encoding="utf-8")
+    return root
+
+
+def study_yaml(root, **over):
+    cfg = {
+        "name": "tiny",
+        "models": [str(root / "tiny")],
+        "calibration": {"corpus": str(root / "text.txt"), "windows": 4, "ctx": 32, "seed": 0},
+        "methods": [
+            {"method": "fp"},
+            {"method": "rtn", "bits": [2, 4], "group_size": 32},
+            {"method": "gptq", "bits": 3, "group_size": 32},
+        ],
+        "tasks": [
+            f"ppl:{root / 'text.txt'}",
+            f"kld:{root / 'text.txt'}",
+            f"mc:{root / 'mc.jsonl'}",
+            {"task": f"gen:{root / 'prompts.txt'}", "max_new_tokens": 12},
+        ],
+        "eval": {"windows": 3, "ctx": 32},
+    }
+    cfg.update(over)
+    path = root / f"study-{len(over)}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_grid_expands_lists_and_validates(workspace):
+    cfg = parse_study(yaml.safe_load(study_yaml(workspace).read_text()))
+    assert [c.id.split("/")[1].split("-g")[0] for c in cfg.cells] == ["fp", "rtn-b2", "rtn-b4", "gptq-b3"]
+    assert cfg.needs_hessians and cfg.tasks[0].windows == 3
+    bad = yaml.safe_load(study_yaml(workspace).read_text())
+    bad["methods"].append({"method": "rtn", "bits": 12})
+    with pytest.raises(ConfigError, match="bits must be"):
+        parse_study(bad)
+    bad["methods"][-1] = {"method": "nope"}
+    with pytest.raises(ConfigError, match="unknown method 'nope'"):
+        parse_study(bad)
+    with pytest.raises(ConfigError, match="unknown key"):
+        parse_study({**bad, "modles": []})
+    no_calib = yaml.safe_load(study_yaml(workspace).read_text())
+    del no_calib["calibration"]
+    with pytest.raises(ConfigError, match="no 'calibration' section"):
+        parse_study(no_calib)
+
+
+def test_study_runs_resumes_and_shares_hessians(workspace, monkeypatch):
+    calls = {"hessians": 0, "quantize": 0}
+    real_stream, real_quant = store_mod.stream_hessians, runner.quantize_model
+
+    def count_stream(*a, **k):
+        calls["hessians"] += 1
+        return real_stream(*a, **k)
+
+    def count_quant(*a, **k):
+        calls["quantize"] += 1
+        return real_quant(*a, **k)
+
+    monkeypatch.setattr(store_mod, "stream_hessians", count_stream)
+    monkeypatch.setattr(runner, "quantize_model", count_quant)
+    monkeypatch.setenv("Q2LAB_CACHE", str(workspace / "cache"))
+    out = workspace / "out"
+    results = runner.run_study(study_yaml(workspace), out, log=lambda m: None)
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert calls == {"hessians": 1, "quantize": 3}
+    cells = {r["cell"] for r in rows}
+    assert len(cells) == 4
+    fp_rows = [r for r in rows if r["is_reference"]]
+    assert fp_rows and all(r["bpw"] == 16.0 for r in fp_rows)
+    assert not any(r["metric"].startswith("kld") for r in fp_rows)  # no KLD of the reference to itself
+    q2 = [r for r in rows if r["method"] == "rtn" and r["bits"] == 2]
+    assert {r["metric"] for r in q2} >= {"ppl", "kld_mean", "top1_agree", "acc", "acc_norm", "collapse_rate"}
+    for r in rows:
+        assert {"task", "metric", "value", "ci_low", "ci_high", "n", "bpw", "provenance"} <= set(r)
+        assert r["provenance"]["versions"]["torch"]
+    gptq = next(r for r in rows if r["method"] == "gptq")
+    assert gptq["provenance"]["hessians"]["windows"] == 4 and 3 < gptq["bpw"] < 4
+    assert (out / "report.md").exists() and (out / "pareto.png").stat().st_size > 1000
+    # resume: nothing is recomputed, nothing is appended
+    n_lines = len(results.read_text().splitlines())
+    runner.run_study(study_yaml(workspace), out, log=lambda m: None)
+    assert calls == {"hessians": 1, "quantize": 3}
+    assert len(results.read_text().splitlines()) == n_lines
+    # a new grid point reuses the stored Hessians and only runs the new cell
+    bigger = study_yaml(
+        workspace, methods=[{"method": "fp"}, {"method": "gptq", "bits": [3, 4], "group_size": 32}]
+    )
+    runner.run_study(bigger, out, log=lambda m: None)
+    assert calls == {"hessians": 1, "quantize": 4}
+
+
+def test_cli_end_to_end_and_errors(workspace, monkeypatch, capsys):
+    monkeypatch.setenv("Q2LAB_CACHE", str(workspace / "cache"))
+    model, text = str(workspace / "tiny"), str(workspace / "text.txt")
+    assert cli.main(["methods"]) == 0
+    assert "gptq" in capsys.readouterr().out
+    ck = workspace / "ck"
+    code = cli.main(
+        [
+            "quantize",
+            model,
+            "--method",
+            "gptq",
+            "--bits",
+            "2",
+            "--group-size",
+            "32",
+            "--corpus",
+            text,
+            "--windows",
+            "4",
+            "--ctx",
+            "32",
+            "--out",
+            str(ck),
+        ]
+    )
+    assert code == 0 and (ck / "q2lab_manifest.json").exists()
+    out_json = workspace / "eval.json"
+    code = cli.main(
+        [
+            "eval",
+            str(ck),
+            "--ref",
+            model,
+            "--task",
+            f"ppl:{text}",
+            "--task",
+            f"kld:{text}",
+            "--windows",
+            "2",
+            "--ctx",
+            "32",
+            "--json",
+            str(out_json),
+        ]
+    )
+    assert code == 0
+    recs = json.loads(out_json.read_text())
+    assert {r["metric"] for r in recs} == {"ppl", "kld_mean", "kld_median", "kld_p99", "top1_agree"}
+    assert all({"task", "metric", "value", "ci_low", "ci_high", "n"} <= set(r) for r in recs)
+    capsys.readouterr()
+    # user errors: one line, exit status 2, nothing written
+    cases = [
+        (["quantize", model, "--method", "nope", "--out", str(workspace / "x1")], "unknown method 'nope'"),
+        (
+            ["quantize", model, "--method", "rtn", "--bits", "0", "--out", str(workspace / "x2")],
+            "bits must be",
+        ),
+        (["eval", str(workspace / "missing"), "--task", f"ppl:{text}"], "does not exist"),
+        (["eval", model, "--task", "ppl:nosuchcorpus"], "unknown corpus 'nosuchcorpus'"),
+        (["eval", model, "--task", f"kld:{text}"], "needs a reference model"),
+        (["eval", model, "--task", "bogus"], "KIND:DATA"),
+        (["study", str(workspace / "none.yaml"), "--out", str(workspace / "x3")], "does not exist"),
+    ]
+    for argv, message in cases:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("q2lab: error:") and message in err and "\n" not in err, err
+    assert not (workspace / "x1").exists() and not (workspace / "x2").exists()
+
+
+def test_missing_data_names_the_file_and_variable(monkeypatch, tmp_path):
+    from q2lab.data.text import load_corpus
+    from q2lab.errors import DataError
+
+    monkeypatch.setenv("Q2LAB_DATA", str(tmp_path))
+    with pytest.raises(DataError, match=r"missing data file .*wiki.test.raw \(Q2LAB_DATA selects"):
+        load_corpus("wikitext2")
+    monkeypatch.delenv("Q2LAB_DATA")
+    with pytest.raises(DataError, match="Q2LAB_DATA is not set"):
+        load_corpus("wikitext2")
