@@ -156,8 +156,7 @@ def _quantize_group(model, layout, b, names, linears, quantizer, cfg, store, rep
         deq = qt.dequantize(torch.float32)
         rel = proxy_rel(w.float(), deq, hessian) if hessian is not None else None
         old = linears[n]
-        new = QuantLinear(qt, old.bias, cache_weight=cache_weight)
-        if cache_weight:
-            new._cached = deq.to(w.dtype)
-        model.set_submodule(full, new)
+        # The decoded-weight cache fills on the first forward pass, not here: quantizing holds
+        # only packed codes, so peak memory stays near one float model.
+        model.set_submodule(full, QuantLinear(qt, old.bias, cache_weight=cache_weight))
         report.layers.append(LayerReport(full, qt.shape, qt.bits(), qt.bpw(), seconds, rel))
