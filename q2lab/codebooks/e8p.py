@@ -1,0 +1,235 @@
+"""E8P12: QuIP#'s 2-bit codebook of 2^16 points of the E8 lattice shifted by ¼, in dimension 8.
+
+Construction (QuIP#, Tseng et al. 2024, §4.2).  E8 = D8 ∪ D̂8 with D̂8 = {x ∈ (ℤ+½)^8 : Σx even}.
+A point of D̂8 is an *absolute pattern* a ∈ {½, 3/2, 5/2, ...}^8 times a sign vector; flipping
+one sign changes Σx by an odd number, so the parity rule fixes the 8th sign once 7 are chosen:
+(#negative entries) ≡ Σa (mod 2).  E8P12 takes 256 absolute patterns — the 227 of |D̂8| with
+‖a‖² ≤ 10 plus 29 with ‖a‖² = 12 (five 3/2 and three ½) — × 2^7 sign patterns × a shift of
+±¼ (D̂8 − ¼ = D8 + ¼, so every point lies in E8 + ¼): 2^8 · 2^7 · 2 = 2^16 points, 16 bits per
+8 weights = 2 bits per weight.  Stored compactly: a 256 × 8 table of ½-multiples; the full
+codebook is derived.
+
+Which 29 norm-12 patterns: the paper gives a list without a rule.  We use a rule: those with
+an odd number of 3/2 entries among the first four coordinates (28 patterns: 1+4 or 3+2) plus
+the first remaining one in lexicographic order.  Any 29 of the 56 are equivalent up to tiny
+changes of the MSE (they only matter in the outer shell); ours gives the MSE reported in
+``benchmarks/e8p_mse.py``.
+
+Code layout (one uint16 per 8 weights):  bits 15..8 = absolute-pattern index, bits 7..1 = the
+signs of coordinates 1..7 (1 = negative), bit 0 = shift (1: +¼, 0: −¼).
+
+Nearest-point search is exact and needs no pass over the 2^16 points.  For a shift t, with
+y = x − t, u = |y| sorted decreasingly and p = parity of #negatives of y:
+
+* the absolute patterns with ‖a‖² ≤ 10 come in full permutation orbits (7 of them); within an
+  orbit the best pattern pairs larger entries with larger u (rearrangement inequality), so its
+  score is ⟨a_sorted, u_sorted⟩.  If the orbit's parity Σa differs from p, one sign must be
+  flipped against y: the best flip is the smallest |y_i|, which then gets the smallest entry ½
+  (every orbit has one), costing u_min in the score.
+* the 29 norm-12 patterns are an incomplete orbit and are scored one by one (29 dot products;
+  a parity flip picks the coordinate minimising a_i·u_i).
+
+The distance is ‖y‖² + ‖a‖² − 2·score; the best over orbits, the 29 extra patterns and both
+shifts is the nearest codebook point (checked against brute force in the tests).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import torch
+
+from q2lab.errors import ShapeError
+
+DIM = 8
+NUM_SOURCES = 256
+NUM_POINTS = 1 << 16
+
+
+# --------------------------------------------------------------------------- construction
+@functools.cache
+def _source_halves() -> tuple[tuple[int, ...], ...]:
+    """The 256 absolute patterns as odd integers 2a (so a = value/2), in a fixed order."""
+    odd = (1, 3, 5, 7)
+    small = sorted(
+        (p for p in itertools.product(odd, repeat=DIM) if sum(v * v for v in p) <= 40),
+        key=lambda p: (sum(v * v for v in p), p),
+    )
+    norm12 = sorted(p for p in itertools.product((1, 3), repeat=DIM) if p.count(3) == 5)
+    rule = [p for p in norm12 if p[:4].count(3) % 2 == 1]
+    extra = [p for p in norm12 if p not in rule][:1]
+    out = small + rule + extra
+    assert len(small) == 227 and len(out) == NUM_SOURCES
+    return tuple(out)
+
+
+def source_points() -> torch.Tensor:
+    """(256, 8) absolute patterns (entries ½, 3/2, 5/2): the compact stored form of E8P12."""
+    return torch.tensor(_source_halves(), dtype=torch.float32) / 2
+
+
+def _parity_of_sources() -> torch.Tensor:
+    """Σa mod 2 per pattern (Σa is an integer: 8 half-odd entries)."""
+    return (torch.tensor(_source_halves()).sum(1) // 2) % 2
+
+
+def decode_rule(codes: torch.Tensor) -> torch.Tensor:
+    """Decode uint16 codes (any shape) to points (..., 8) straight from the bit layout."""
+    c = codes.to(torch.int64)
+    src = source_points().to(codes.device)
+    a = src[c >> 8]
+    neg7 = (c.unsqueeze(-1) >> torch.arange(1, DIM, device=c.device)) & 1  # coords 1..7
+    neg0 = (neg7.sum(-1) + _parity_of_sources().to(c.device)[c >> 8]) % 2
+    neg = torch.cat([neg0.unsqueeze(-1), neg7], dim=-1)
+    shift = torch.where((c & 1) == 1, 0.25, -0.25).unsqueeze(-1)
+    return a * (1 - 2 * neg).float() + shift
+
+
+@functools.cache
+def _lut(device: str, dtype: torch.dtype) -> torch.Tensor:
+    return decode_rule(torch.arange(NUM_POINTS, device=torch.device(device))).to(dtype)
+
+
+def codebook(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """All 2^16 points, row i = the point of code i (built once per device/dtype, 2 MiB in fp32)."""
+    return _lut(str(torch.device(device)), dtype)
+
+
+def decode(codes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Codes (any shape, values in [0, 2^16)) → points (..., 8) by table lookup."""
+    return codebook(codes.device, dtype)[codes.to(torch.int64)]
+
+
+# --------------------------------------------------------------------------- nearest point
+@functools.cache
+def _search_tables(device: str) -> dict[str, torch.Tensor]:
+    dev = torch.device(device)
+    halves = torch.tensor(_source_halves())
+    a = halves.float() / 2
+    norms = (a * a).sum(1)
+    full = norms <= 10.0 + 1e-6
+    # one representative per permutation orbit (entries sorted decreasingly) among the full ones
+    orbits = sorted({tuple(sorted(p, reverse=True)) for p, f in zip(_source_halves(), full.tolist()) if f})
+    orbit_sorted = torch.tensor(orbits, dtype=torch.float32) / 2  # (7, 8) decreasing
+    # index of an absolute pattern from its base-4 key ((2a−1)/2 ∈ {0,1,2,3} per coordinate)
+    key = ((halves - 1) // 2 * 4 ** torch.arange(DIM)).sum(1)
+    index_of_key = torch.full((4**DIM,), -1, dtype=torch.int64)
+    index_of_key[key] = torch.arange(NUM_SOURCES)
+    return {
+        "orbit_sorted": orbit_sorted.to(dev),
+        "orbit_norm": (orbit_sorted**2).sum(1).to(dev),
+        "orbit_parity": ((orbit_sorted.sum(1)).round().long() % 2).to(dev),
+        "extra": a[~full].to(dev),  # (29, 8)
+        "extra_sorted": torch.tensor([1.5] * 5 + [0.5] * 3, device=dev),
+        "extra_norm": norms[~full].to(dev),
+        "extra_parity": _parity_of_sources()[~full].to(dev),
+        "extra_index": torch.nonzero(~full).squeeze(1).to(dev),
+        "index_of_key": index_of_key.to(dev),
+        "pow4": (4 ** torch.arange(DIM)).to(dev),
+    }
+
+
+def _search_shift(y: torch.Tensor, t: dict[str, torch.Tensor]):
+    """Best absolute pattern for y (N, 8) with D̂8's parity rule: (dist − ‖y‖², src index, flip coord)."""
+    u = y.abs()
+    negpar = ((y < 0).sum(1) % 2).unsqueeze(1)  # (N, 1)
+    u_sorted, order = torch.sort(u, dim=1, descending=True)
+    u_min = u_sorted[:, -1:]
+    # full orbits: rearrangement score, minus u_min when a parity flip is needed
+    orbit_flip = negpar != t["orbit_parity"]  # (N, 7)
+    score = u_sorted @ t["orbit_sorted"].T - orbit_flip * u_min
+    dist, io = (t["orbit_norm"] - 2 * score).min(1)
+    flip = orbit_flip.gather(1, io.unsqueeze(1)).squeeze(1)
+    flip_coord = order[:, -1].clone()
+    # the chosen orbit's pattern in y's coordinates: sorted entries placed by u's order
+    a_sorted = t["orbit_sorted"][io]
+    halves = torch.empty_like(a_sorted).scatter_(1, order, a_sorted).mul_(2).round_().long()
+    src = t["index_of_key"][(((halves - 1) // 2) * t["pow4"]).sum(1)]
+    # the 29 extra patterns (an incomplete orbit of norm 12): their whole orbit's score bounds
+    # them from below, so only vectors whose bound beats the best full orbit are scored one by one
+    bound_flip = negpar.squeeze(1) != t["extra_parity"][0]
+    bound = 12.0 - 2 * (u_sorted @ t["extra_sorted"] - bound_flip * u_min.squeeze(1))
+    rows = torch.nonzero(bound < dist).squeeze(1)
+    if rows.numel():
+        us = u[rows]
+        prod = us.unsqueeze(1) * t["extra"]  # (R, 29, 8)
+        min_val, min_pos = prod.min(-1)
+        e_flip = bound_flip[rows].unsqueeze(1)
+        d_extra, ie = (t["extra_norm"] - 2 * (us @ t["extra"].T - 2 * e_flip * min_val)).min(1)
+        better = d_extra < dist[rows]
+        rows, ie = rows[better], ie[better]
+        dist[rows] = d_extra[better]
+        src[rows] = t["extra_index"][ie]
+        flip[rows] = bound_flip[rows]
+        flip_coord[rows] = min_pos[better].gather(1, ie.unsqueeze(1)).squeeze(1)
+    flip_coord = torch.where(flip, flip_coord, torch.full_like(flip_coord, -1))
+    return dist, src, flip_coord
+
+
+def quantize(x: torch.Tensor, chunk: int = 1 << 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest E8P12 point to each row of ``x`` (..., 8): ``(points, codes)``, codes int32 in [0, 2^16)."""
+    if x.shape[-1] != DIM:
+        raise ShapeError(f"E8P12 quantizes 8-dimensional vectors, got last dim {x.shape[-1]}")
+    lead = x.shape[:-1]
+    flat = x.reshape(-1, DIM).float()
+    codes = torch.empty(flat.shape[0], dtype=torch.int64, device=flat.device)
+    t = _search_tables(str(flat.device))
+    for s in range(0, flat.shape[0], chunk):
+        codes[s : s + chunk] = _quantize_chunk(flat[s : s + chunk], t)
+    codes = codes.view(lead)
+    return decode(codes).to(x.dtype), codes.to(torch.int32)
+
+
+def _quantize_chunk(x: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
+    best = None
+    for shift_bit, shift in ((1, 0.25), (0, -0.25)):
+        y = x - shift
+        dist, src, flip = _search_shift(y, t)
+        dist = dist + (y * y).sum(1)
+        neg = y < 0
+        rows = torch.nonzero(flip >= 0).squeeze(1)
+        neg[rows, flip[rows]] = ~neg[rows, flip[rows]]
+        sign_bits = (neg[:, 1:].long() << torch.arange(DIM - 1, device=x.device)).sum(1)
+        code = (src << 8) | (sign_bits << 1) | shift_bit
+        if best is None:
+            best, best_code = dist, code
+        else:
+            better = dist < best
+            best_code = torch.where(better, code, best_code)
+    return best_code
+
+
+# --------------------------------------------------------------------------- E8 1-bit residual book
+@functools.cache
+def _e8_1bit_points() -> tuple[tuple[float, ...], ...]:
+    """256 points of E8 for 1-bit residuals: the origin, the 240 roots (‖x‖² = 2) and 15 of the
+    16 vectors ±2e_i (all but −2e_8), as in QuIP#'s 3-bit codebook."""
+    pts = [(0.0,) * DIM]
+    for i, j in itertools.combinations(range(DIM), 2):  # D8 roots ±e_i ± e_j: 112
+        for si, sj in itertools.product((1.0, -1.0), repeat=2):
+            v = [0.0] * DIM
+            v[i], v[j] = si, sj
+            pts.append(tuple(v))
+    for signs in itertools.product((0.5, -0.5), repeat=DIM):  # (±½)^8 with an even number of −: 128
+        if sum(s < 0 for s in signs) % 2 == 0:
+            pts.append(signs)
+    for s, i in itertools.product((2.0, -2.0), range(DIM)):
+        if not (s < 0 and i == DIM - 1):
+            v = [0.0] * DIM
+            v[i] = s
+            pts.append(tuple(v))
+    assert len(pts) == 256
+    return tuple(pts)
+
+
+def e8_1bit_codebook(device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.tensor(_e8_1bit_points(), dtype=torch.float32, device=device)
+
+
+def quantize_e8_1bit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest of the 256 points (exhaustive: one (N, 8) × (8, 256) product)."""
+    cb = e8_1bit_codebook(x.device)
+    flat = x.reshape(-1, DIM).float()
+    idx = (flat @ cb.T * 2 - (cb * cb).sum(1)).argmax(1)
+    return cb[idx].view(x.shape).to(x.dtype), idx.view(x.shape[:-1]).to(torch.int32)
