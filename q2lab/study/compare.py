@@ -22,6 +22,7 @@ COMPARED_METRICS = {
     "ppl": ("ppl",),
     "kld": ("top1_agree",),
     "mc": ("acc_norm", "acc"),
+    "harness": ("acc_norm", "acc"),
     "gen": ("collapse_rate",),
     "ifeval": ("prompt_strict", "prompt_loose"),
 }
