@@ -49,7 +49,7 @@ import torch
 
 from q2lab.errors import ConfigError, DataError, ShapeError
 from q2lab.eval.records import Record
-from q2lab.eval.stats import mean_ci
+from q2lab.eval.stats import UNITS_KEY, UnitScores, ids_sha256, mean_ci
 from q2lab.utils.progress import progress
 
 # --------------------------------------------------------------------------- prompts
@@ -699,7 +699,10 @@ def collapse_records(
     metrics = [sample_metrics(s, v) for s, v in zip(cand_samples, nll)]
     verdicts = [is_collapsed(m, thresholds) for m in metrics]
     details = _details(cand_samples, thresholds, verdicts, prompt_set)
-    records = [_mean_record(task_label, "collapse_rate", [float(c) for c, _ in verdicts], False, details)]
+    collapsed = [float(c) for c, _ in verdicts]
+    records = [_mean_record(task_label, "collapse_rate", collapsed, False, details)]
+    units = UnitScores(collapsed, ids_sha256=ids_sha256([s.prompt for s in cand_samples]))
+    records[0].details[UNITS_KEY] = units.to_json()
     for name, attr, better in _MEAN_METRICS:
         values = [float(getattr(m, attr)) for m in metrics]
         records.append(_mean_record(task_label, name, values, better, details))

@@ -27,7 +27,7 @@ import torch
 
 from q2lab.errors import CorruptFileError, ShapeError
 from q2lab.eval.records import Record
-from q2lab.eval.stats import DEFAULT_RESAMPLES, DEFAULT_SEED, bootstrap_ci
+from q2lab.eval.stats import DEFAULT_RESAMPLES, DEFAULT_SEED, UNITS_KEY, UnitScores, bootstrap_ci, ids_sha256
 from q2lab.utils.io import atomic_path, write_json_atomic
 from q2lab.utils.progress import progress
 
@@ -141,7 +141,19 @@ def ppl_records(task: str, stats: WindowStats, details: dict) -> list[Record]:
     nll, tok = np.array(stats.nll), np.array(stats.tokens, dtype=np.float64)
     lo, hi = bootstrap_ci(nll, weights=tok)
     value = math.exp(nll.sum() / tok.sum())
-    return [Record(task, "ppl", value, math.exp(lo), math.exp(hi), len(nll), False, dict(details))]
+    units = UnitScores(nll, tok, "exp", _window_ids(details, len(nll)))
+    return [
+        Record(task, "ppl", value, math.exp(lo), math.exp(hi), len(nll), False, _with_units(details, units))
+    ]
+
+
+def _window_ids(details: dict, n: int) -> str:
+    """Windows are identified by the corpus, the context length and their index."""
+    return ids_sha256([f"{details.get('data_sha256')}:{details.get('ctx')}:{i}" for i in range(n)])
+
+
+def _with_units(details: dict, units: UnitScores) -> dict:
+    return {**details, UNITS_KEY: units.to_json()}
 
 
 def kld_records(task: str, stats: WindowStats, details: dict) -> list[Record]:
@@ -154,13 +166,16 @@ def kld_records(task: str, stats: WindowStats, details: dict) -> list[Record]:
     n = len(per_window)
     out = []
     lo, hi = bootstrap_ci(sums, weights=tok)
-    out.append(Record(task, "kld_mean", float(pooled.mean()), lo, hi, n, False, dict(details)))
+    ids = _window_ids(details, n)
+    kld_units = _with_units(details, UnitScores(sums, tok, ids_sha256=ids))
+    out.append(Record(task, "kld_mean", float(pooled.mean()), lo, hi, n, False, kld_units))
     for metric, q in (("kld_median", 0.5), ("kld_p99", 0.99)):
         lo, hi = _quantile_ci(per_window, q)
         out.append(Record(task, metric, float(np.quantile(pooled, q)), lo, hi, n, False, dict(details)))
     agree = np.array(stats.top1, dtype=np.float64)
     lo, hi = bootstrap_ci(agree, weights=tok)
-    out.append(Record(task, "top1_agree", float(agree.sum() / tok.sum()), lo, hi, n, True, dict(details)))
+    top1_units = _with_units(details, UnitScores(agree, tok, ids_sha256=ids))
+    out.append(Record(task, "top1_agree", float(agree.sum() / tok.sum()), lo, hi, n, True, top1_units))
     return out
 
 

@@ -39,7 +39,7 @@ import torch
 from q2lab.data.tasks.mc import MCItem, MCTask
 from q2lab.errors import ConfigError, DataError
 from q2lab.eval.records import Record
-from q2lab.eval.stats import mean_ci
+from q2lab.eval.stats import UNITS_KEY, UnitScores, ids_sha256, mean_ci
 from q2lab.models.loader import LoadedModel
 from q2lab.utils.progress import progress
 
@@ -330,7 +330,9 @@ def mc_records(task_label: str, task: MCTask, result: MCResult) -> list[Record]:
         "truncated_items": int(result.truncated.sum()),
     }
     records = []
+    ids = ids_sha256([f"{task.sha256}:{item.id}" for item in task.items])
     for metric, correct in (("acc", result.acc), ("acc_norm", result.acc_norm)):
         value, lo, hi = mean_ci(correct.astype(np.float64))
-        records.append(Record(task_label, metric, value, lo, hi, n, True, dict(details)))
+        units = UnitScores(correct.astype(np.float64), ids_sha256=ids).to_json()
+        records.append(Record(task_label, metric, value, lo, hi, n, True, {**details, UNITS_KEY: units}))
     return records

@@ -8,6 +8,8 @@ Task strings (CLI ``--task``, study YAML ``tasks:``) are ``KIND:DATA``:
 ``mc:hellaswag``           multiple choice (name or generic .jsonl path): acc, acc_norm
 ``gen:collapse``           greedy generation on the default prompts (``gen:default`` is the
                            same; or a .txt/.jsonl prompt file): collapse rate, repetition
+``harness:hellaswag``      the same MC items scored by lm-eval itself through
+                           :mod:`q2lab.eval.harness` (needs ``q2lab[eval]``): acc, acc_norm
 =========================  ==========================================================
 
 ``ppl`` and ``kld`` on the same corpus and windows share one candidate forward pass.  The
@@ -32,7 +34,7 @@ from q2lab.eval.records import Record
 from q2lab.models.loader import LoadedModel
 from q2lab.utils.io import sha256_json
 
-KINDS = ("ppl", "kld", "mc", "gen")
+KINDS = ("ppl", "kld", "mc", "gen", "harness")
 GEN_ALIASES = {"collapse": "default"}
 
 
@@ -77,7 +79,7 @@ def parse_task(spec: str | dict[str, Any], **defaults: Any) -> TaskSpec:
     kind, sep, data = name.partition(":")
     if not sep or kind not in KINDS or not data:
         raise ConfigError(f"task {name!r} must look like KIND:DATA with KIND one of {', '.join(KINDS)}")
-    if kind in ("mc", "gen"):
+    if kind not in ("ppl", "kld"):
         opts.pop("windows", None)
     for key in ("windows", "ctx", "limit", "max_new_tokens", "batch_size"):
         v = opts.get(key)
@@ -90,10 +92,14 @@ def check_data(task: TaskSpec) -> None:
     """Resolve a task's data now, so a typo fails before any model is loaded."""
     if task.kind in ("ppl", "kld"):
         load_corpus(task.data, role="eval")
-    elif task.kind == "mc":
+    elif task.kind in ("mc", "harness"):
         from q2lab.data.tasks.mc import load_mc_task
 
         load_mc_task(task.data, limit=task.limit)
+        if task.kind == "harness":
+            from q2lab.eval.harness import _require
+
+            _require()
     else:
         from q2lab.eval.generation import load_prompts
 
@@ -130,6 +136,8 @@ class Evaluator:
                 records += self._likelihood(candidate, twins, is_reference)
             elif task.kind == "mc":
                 records += self._mc(candidate, task)
+            elif task.kind == "harness":
+                records += self._harness(candidate, task)
             else:
                 records += self._gen(candidate, task, is_reference)
             done.add(task)
@@ -190,6 +198,29 @@ class Evaluator:
         mc = load_mc_task(task.data, limit=task.limit)
         kw = {"batch_size": task.batch_size} if task.batch_size else {}
         return mc_records(task.label, mc, score_mc(candidate, mc, **kw))
+
+    def _harness(self, candidate: LoadedModel, task: TaskSpec) -> list[Record]:
+        """lm-eval's own log-likelihoods on q2lab's items, recorded like ``mc:`` (with per-item
+        units), so a report can pair the two scorers item by item."""
+        import numpy as np
+
+        from q2lab.data.tasks.mc import load_mc_task
+        from q2lab.eval.harness import run_harness_mc
+        from q2lab.eval.multiple_choice import MCResult, mc_records
+
+        mc = load_mc_task(task.data, limit=task.limit)
+        out = run_harness_mc(candidate, [mc], batch_size=task.batch_size or 8)[mc.name]
+        result = MCResult(
+            task=mc.name,
+            loglik=out.loglik,
+            lengths=[np.array([len(c) for c in item.choices], dtype=np.float64) for item in mc.items],
+            labels=np.array([item.label for item in mc.items], dtype=np.int64),
+            truncated=np.zeros(len(mc.items), dtype=bool),
+        )
+        records = mc_records(task.label, mc, result)
+        for r in records:
+            r.details["scorer"] = "lm-eval HFLM (simple_evaluate)"
+        return records
 
     # ----------------------------------------------------------------- generation
     def _gen(self, candidate: LoadedModel, task: TaskSpec, is_reference: bool) -> list[Record]:

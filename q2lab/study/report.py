@@ -634,12 +634,101 @@ def model_section(mr: ModelResults) -> list[str]:
             ">",
             *(f"> - † {d.describe()}" for d in dissociations),
         ]
+    parts += paired_section(mr)
     parts += ["", f"### {mr.model}: cells", "", cells_table(mr), ""]
     for task in mr.tasks():
         parts += [f"### {mr.model}: {task}", "", detail_table(mr, task), ""]
     examples = collapse_examples(mr)
     if examples:
         parts += [f"### {mr.model}: collapse examples", "", *examples]
+    return parts
+
+
+# --------------------------------------------------------------------------- paired statistics
+def _rows_by_task(mr: ModelResults, cell: Cell) -> dict[str, dict[str, dict[str, Any]]]:
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for (cid, task, metric), r in mr.rows.items():
+        if cid == cell.id:
+            out.setdefault(task, {})[metric] = r
+    return out
+
+
+def paired_rows(mr: ModelResults) -> list[list[str]]:
+    """Table rows: every quantized cell's headline metrics against the reference, paired."""
+    from q2lab.study.compare import COMPARED_METRICS, compare_rows, format_comparison
+
+    ref = mr.reference
+    if ref is None:
+        return []
+    body = []
+    for cell in mr.quantized:
+        for task in mr.tasks():
+            metric = next(
+                (m for m in COMPARED_METRICS.get(task_kind(task), ()) if m in mr.metrics(task)), None
+            )
+            row, ref_row = (mr.get(cell, task, metric), mr.get(ref, task, metric)) if metric else (None, None)
+            result = compare_rows(row, ref_row) if row and ref_row else None
+            if result is None:
+                continue
+            d = column_decimals([_num(row.get("value")), _num(ref_row.get("value"))])  # type: ignore[union-attr]
+            diff, pv, verdict = format_comparison(result, d)
+            body.append([cell.label, f"{task} {metric}", f"{row['value']:.{d}f}", diff, pv, verdict])  # type: ignore[index]
+    return body
+
+
+def average_rows(mr: ModelResults) -> list[list[str]]:
+    """Table rows: each cell's average over its MC benchmarks with a stratified CI, and the
+    paired difference to the reference's average over the same benchmarks."""
+    from q2lab.study.compare import average_of, benchmark_rows, compare_averages, format_comparison
+
+    ref = mr.reference
+    ref_rows = benchmark_rows(_rows_by_task(mr, ref)) if ref else []
+    body = []
+    for cell in mr.cells:
+        rows = benchmark_rows(_rows_by_task(mr, cell))
+        avg = average_of(rows) if len(rows) >= 2 else None
+        if avg is None:
+            continue
+        value, lo, hi = avg
+        names = ", ".join(f"{r['task'].split(':', 1)[-1]} {r['metric']}" for r in rows)
+        diff = pv = verdict = MISSING
+        if ref is not None and cell is not ref:
+            c = compare_averages(rows, ref_rows)
+            if c is not None:
+                diff, pv, verdict = format_comparison(c, 4)
+        body.append([_cell_name(cell, set()), f"{value:.4f} [{lo:.4f}, {hi:.4f}]", diff, pv, verdict, names])
+    return body
+
+
+def paired_section(mr: ModelResults) -> list[str]:
+    parts: list[str] = []
+    body = paired_rows(mr)
+    if body:
+        parts += [
+            "",
+            f"### {mr.model}: paired comparison with the reference",
+            "",
+            "Difference cell − reference on the *same* items/windows/prompts: paired bootstrap 95% CI, "
+            "two-sided bootstrap p (and McNemar's exact test for accuracies, with the discordant "
+            "counts cell-only/reference-only). *within noise*: the CI contains 0 (or McNemar p ≥ 0.05).",
+            "",
+            md_table(["Cell", "task metric", "value", "Δ vs reference [95% CI]", "p", "verdict"], body),
+        ]
+    avg = average_rows(mr)
+    if avg:
+        parts += [
+            "",
+            f"### {mr.model}: multiple-choice average",
+            "",
+            "Unweighted mean over the benchmarks (each counts once); CI by a stratified bootstrap "
+            "(items resampled within each benchmark); Δ is paired with the reference.",
+            "",
+            md_table(
+                ["Cell", "average [95% CI]", "Δ vs reference [95% CI]", "p", "verdict", "benchmarks"],
+                avg,
+                align=["l", "r", "r", "r", "l", "l"],
+            ),
+        ]
     return parts
 
 

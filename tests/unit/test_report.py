@@ -284,3 +284,34 @@ def test_empty_results_still_render(tmp_path):
     paths = report.write_report([], tmp_path)
     assert "No results." in paths["report"].read_text(encoding="utf-8")
     png_size(paths["plot"].read_bytes())
+
+
+# --------------------------------------------------------------------------- paired statistics
+def _units(bits: str) -> dict[str, Any]:
+    return {"units": {"n": len(bits), "bits": bits, "transform": "identity", "ids_sha256": "items"}}
+
+
+def test_paired_section_and_benchmark_average():
+    ref_bits = "1" * 60 + "0" * 40
+    near = "0" + "1" * 59 + "1" + "0" * 39  # one lost, one gained: within noise
+    bad = "0" * 20 + "1" * 40 + "0" * 40  # 20 lost: worse
+    rows = []
+    for cell, bits in (("fp", ref_bits), ("gptq-b4", near), ("rtn-b2", bad)):
+        for task in ("mc:arc_easy", "mc:hellaswag"):
+            v = bits.count("1") / len(bits)
+            rows.append(row(cell, task, "acc_norm", v, details=_units(bits), higher_is_better=True))
+    text = report.render_markdown(rows)
+    paired = text.split("paired comparison with the reference", 1)[1].split("###", 1)[0]
+    lines = {
+        ln.split(" | ")[0].strip("| ") + ln.split(" | ")[1]: ln for ln in paired.splitlines() if "|" in ln
+    }
+    assert "within noise" in lines["GPTQ 4bmc:arc_easy acc_norm"]
+    assert "worse" in lines["RTN 2bmc:arc_easy acc_norm"] and "McNemar" in lines["RTN 2bmc:arc_easy acc_norm"]
+    avg = text.split("multiple-choice average", 1)[1].split("###", 1)[0]
+    assert "0.6000 [" in avg and "(reference)" in avg
+    rtn = next(ln for ln in avg.splitlines() if ln.startswith("| RTN 2b"))
+    assert "worse" in rtn and "-0.2000" in rtn
+
+
+def test_no_paired_section_without_units(rows):
+    assert "paired comparison" not in report.render_markdown(rows)
