@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from q2lab.errors import CorruptFileError
 from q2lab.models.loader import CHECKPOINT_MANIFEST, LoadedModel, ModelInfo
-from q2lab.quant.base import QuantizedTensor
+from q2lab.quant.base import QuantizedTensor, get_quantizer
 from q2lab.quant.linear import QuantLinear
 from q2lab.utils.io import atomic_path, write_json_atomic
 from q2lab.utils.provenance import versions
@@ -172,4 +172,4 @@ def _quant_linear(
     bias = tensors.get(f"{name}.bias")
     if spec["bias"] and bias is None:
         raise CorruptFileError(f"checkpoint {path}: bias of {name} is missing")
-    return QuantLinear(qt, bias)
+    return get_quantizer(qt.method).make_linear(qt, bias)

@@ -185,6 +185,13 @@ class Quantizer(ABC):
         override this; by default it is ``needs_hessian``."""
         return self.needs_hessian
 
+    def make_linear(self, qt: QuantizedTensor, bias: torch.Tensor | None, cache_weight: bool = True):
+        """The module that replaces the float linear (``QuantLinear`` unless the method has its
+        own inference path, e.g. QuIP#'s on-the-fly Hadamard + codebook decode)."""
+        from q2lab.quant.linear import QuantLinear
+
+        return QuantLinear(qt, bias, cache_weight=cache_weight)
+
     def quantize_many(
         self, weights: list[torch.Tensor], hessian: Hessian | None, cfg: MethodConfig
     ) -> list[QuantizedTensor]:

@@ -158,5 +158,5 @@ def _quantize_group(model, layout, b, names, linears, quantizer, cfg, store, rep
         old = linears[n]
         # The decoded-weight cache fills on the first forward pass, not here: quantizing holds
         # only packed codes, so peak memory stays near one float model.
-        model.set_submodule(full, QuantLinear(qt, old.bias, cache_weight=cache_weight))
+        model.set_submodule(full, quantizer.make_linear(qt, old.bias, cache_weight=cache_weight))
         report.layers.append(LayerReport(full, qt.shape, qt.bits(), qt.bpw(), seconds, rel))
