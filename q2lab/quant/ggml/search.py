@@ -182,8 +182,8 @@ def make_qp_quants(x: np.ndarray, nmax: int, qw: np.ndarray) -> tuple[np.ndarray
 
     def mse(iscale: np.ndarray, clamp: bool) -> np.ndarray:
         lv = nearest_int(iscale * x)
-        if clamp:
-            lv = np.minimum(lv, nmax)
+        # the first pass stores into C's uint8_t L before using it; the tries use an int
+        lv = np.minimum(lv, nmax) if clamp else lv & 0xFF
         d = x - (F32(1) / iscale) * lv.astype(F32)
         return seqsum(w * d * d)
 
@@ -202,6 +202,7 @@ def make_qp_quants(x: np.ndarray, nmax: int, qw: np.ndarray) -> tuple[np.ndarray
         wx = w * x
         lf = lv.astype(F32)
         sumlx, suml2 = seqsum(wx * lf), seqsum(w * lf * lf)
+        lv = lv & 0xFF  # C keeps L as uint8_t: a negative level (negative x, IQ2) reads back mod 256
         for _ in range(5):
             changed = np.zeros(x.shape[1], dtype=bool)
             for i in range(n):
@@ -216,7 +217,7 @@ def make_qp_quants(x: np.ndarray, nmax: int, qw: np.ndarray) -> tuple[np.ndarray
                 slx = slx + wxi * nl
                 sl2 = sl2 + wi * nl * nl
                 ok &= slx * slx * suml2 > sumlx * sumlx * sl2
-                lv[i] = np.where(ok, new_l, lv[i])
+                lv[i] = np.where(ok, new_l & 0xFF, lv[i])
                 sumlx = np.where(ok, slx, sumlx)
                 suml2 = np.where(ok, sl2, suml2)
                 changed |= ok
