@@ -37,6 +37,8 @@ class Codebook:
     levels: np.ndarray  # (P, 8) int8 levels 0‥2
     kmap: np.ndarray  # (_MAP_SIZE,) int32: grid index of a key, -1 when off the grid
     neighbours: np.ndarray  # (_MAP_SIZE, K) int32 for off-grid keys, ordered by (distance, index)
+    lengths: np.ndarray  # (_MAP_SIZE,) number of neighbours of each key
+    qvalues: np.ndarray  # (8, P) float32 grid values 2l + 1, position-major for gathers
 
 
 @functools.cache
@@ -64,7 +66,9 @@ def codebook(type_name: str) -> Codebook:
     lists = np.where(keep[:, :width], order[:, :width], -1).astype(np.int32)
     neighbours = np.full((_MAP_SIZE, width), -1, dtype=np.int32)
     neighbours[all_keys[off]] = lists
-    return Codebook(levels, kmap, neighbours)
+    lengths = (neighbours >= 0).sum(axis=1)
+    qvalues = np.ascontiguousarray((2 * levels.astype(np.float32) + 1).T)
+    return Codebook(levels, kmap, neighbours, lengths, qvalues)
 
 
 def group_keys(levels: np.ndarray) -> np.ndarray:
@@ -82,26 +86,39 @@ def snap(
     levels and whether each group was on the grid already.
     """
     s, g = levels.shape
-    on = cb.kmap[group_keys(levels)] >= 0
+    all_keys = group_keys(levels)
+    on = cb.kmap[all_keys] >= 0
     k_idx, g_idx = np.nonzero(todo & ~on)
     if k_idx.size:
-        keys = group_keys(levels)[k_idx, g_idx]
-        cand = cb.neighbours[keys]  # (M, K)
-        gl = cb.levels[np.maximum(cand, 0)]  # (M, K, 8)
+        keys = all_keys[k_idx, g_idx]
         xo = xval.reshape(s // 8, 8, g)[k_idx, :, g_idx]  # (M, 8)
         wo = waux.reshape(s // 8, 8, g)[k_idx, :, g_idx]
         sc = scale[g_idx][:, None]
-        d2 = np.zeros(cand.shape, dtype=F32)
-        with np.errstate(over="ignore", invalid="ignore"):
-            for i in range(8):
-                diff = sc * (F32(2) * gl[:, :, i].astype(F32) + F32(1)) - xo[:, i : i + 1]
-                d2 += wo[:, i : i + 1] * diff * diff
-        d2 = np.where(cand >= 0, d2, np.inf)
-        best = cand[np.arange(len(cand)), np.argmin(d2, axis=1)]
+        best = np.empty(len(keys), dtype=np.int64)
+        lens = cb.lengths[keys]
+        lo = 0
+        for width in (4, 8, 16, 32, 64, 128, 256, 512):  # lists padded per bucket, not to the longest
+            sel = np.nonzero((lens > lo) & (lens <= width))[0]
+            lo = width
+            if sel.size:
+                best[sel] = _best_neighbour(cb, keys[sel], xo[sel], wo[sel], sc[sel], width)
         lv = levels.reshape(s // 8, 8, g).copy()
         lv[k_idx, :, g_idx] = cb.levels[best]
         levels = lv.reshape(s, g)
     return levels, on
+
+
+def _best_neighbour(cb: Codebook, keys, xo, wo, sc, width: int) -> np.ndarray:
+    """``iq2_find_best_neighbour``: the first listed point with the least ``Σ w·(s·q − x)²``."""
+    cand = cb.neighbours[keys, :width]  # (M, width), -1 padded
+    safe = np.maximum(cand, 0)
+    d2 = np.zeros(cand.shape, dtype=F32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for i in range(8):
+            diff = sc * cb.qvalues[i][safe] - xo[:, i : i + 1]
+            d2 += wo[:, i : i + 1] * diff * diff
+    d2 = np.where(cand >= 0, d2, np.inf)
+    return cand[np.arange(len(cand)), np.argmin(d2, axis=1)]
 
 
 def qsums(w: np.ndarray, xval: np.ndarray, levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
