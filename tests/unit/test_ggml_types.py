@@ -208,3 +208,32 @@ def test_quantize_many_equals_one_by_one() -> None:
 def test_bits_are_fixed_by_the_type() -> None:
     with pytest.raises(ConfigError, match="q4_k stores 4-bit codes"):
         make_config("q4_k", {"bits": 3})
+
+
+@pytest.mark.parametrize("name,fallback", [("q4_k", "Q5_0"), ("q2_k", "Q4_0"), ("q6_k", "Q8_0")])
+def test_fallback_option_uses_llamacpps_32_block_type(name: str, fallback: str) -> None:
+    """Rows of 576 (SmolLM2): an error by default, llama.cpp's fallback type with fallback=true."""
+    q = get_quantizer(name)
+    w = torch.from_numpy(hard_matrix(576, rows=4))
+    with pytest.raises(ShapeError, match="fallback=true"):
+        q.quantize(w, None, make_config(name, {}))
+    qt = q.quantize(w, None, make_config(name, {"fallback": True}))
+    assert qt.meta["ggml_type"] == fallback and qt.method == fallback.lower()
+    assert np.array_equal(qt.tensors["blocks"].numpy(), ggml_type(fallback).quantize_rows(w.numpy()))
+    assert torch.equal(
+        qt.dequantize(),
+        torch.from_numpy(ggml_type(fallback).dequantize_rows(qt.tensors["blocks"].numpy(), 576)),
+    )
+
+
+def test_kquant_study_config_is_valid(data_root) -> None:
+    """examples/kquant-study.yaml parses and every cell's options validate for its GGML method."""
+    from pathlib import Path
+
+    from q2lab.study.config import load_study
+
+    study = load_study(Path(__file__).resolve().parents[2] / "examples" / "kquant-study.yaml")
+    methods = {c.method for c in study.cells}
+    assert {"q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0", "iq2_xxs", "iq2_xs", "iq2_s"} <= methods
+    for cell in study.cells:
+        make_config(cell.method, cell.options)

@@ -74,7 +74,8 @@ class GGMLType(ABC):
         if not cls.can_hold(n):
             raise ShapeError(
                 f"{cls.name} stores rows in blocks of {cls.block_size} weights; "
-                f"a row of {n} weights does not fit (llama.cpp falls back to another type for such rows)"
+                f"a row of {n} weights does not fit (llama.cpp falls back to another type for such rows; "
+                "the method option fallback=true does the same)"
             )
 
     # ------------------------------------------------------------------ quantize
