@@ -236,4 +236,5 @@ def test_kquant_study_config_is_valid(data_root) -> None:
     methods = {c.method for c in study.cells}
     assert {"q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0", "iq2_xxs", "iq2_xs", "iq2_s"} <= methods
     for cell in study.cells:
-        make_config(cell.method, cell.options)
+        if cell.method != "fp":  # the float reference row is not a registered method
+            make_config(cell.method, cell.options)
