@@ -12,6 +12,7 @@ Everything is written to a temporary file and renamed, so a failure leaves no pa
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,8 @@ class GGUFTensor:
     name: str
     module: str  # the transformers linear it comes from ("" for embeddings and norms)
     data: np.ndarray
+    blocks: np.ndarray | None = None  # GGUF bytes already held (a checkpoint of a GGML method)
+    blocks_type: str | None = None
 
 
 def _sort_key(name: str) -> tuple[int, str]:
@@ -66,6 +69,7 @@ def gguf_tensors(model: torch.nn.Module) -> list[GGUFTensor]:
     n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
     out: dict[str, GGUFTensor] = {}
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    held = _ggml_blocks(model)
     for key, data in _float_weights(model).items():
         if key == "lm_head.weight":
             if not tied:
@@ -80,13 +84,14 @@ def gguf_tensors(model: torch.nn.Module) -> list[GGUFTensor]:
                 continue
             raise ConfigError(f"GGUF export: no GGUF name for tensor {key} of this {cfg.model_type} model")
         layer, local = int(m.group(1)), m.group(2)
-        if local.startswith("self_attn.q_proj"):
-            data = _permute(data, n_head, n_head)
-        elif local.startswith("self_attn.k_proj"):
-            data = _permute(data, n_head, n_kv)
-        name = f"blk.{layer}.{_BLOCK_NAMES[local]}"
         module = key.rsplit(".", 1)[0] if data.ndim == 2 else ""
-        out[name] = GGUFTensor(name, module, data)
+        blocks, btype = held.get(module, (None, None))
+        heads = (n_head, n_head) if "q_proj" in local else (n_head, n_kv) if "k_proj" in local else None
+        if heads:  # rows are quantized independently, so GGUF bytes permute like the rows
+            data = _permute(data, *heads)
+            blocks = None if blocks is None else _permute(blocks, *heads)
+        name = f"blk.{layer}.{_BLOCK_NAMES[local]}"
+        out[name] = GGUFTensor(name, module, data, blocks, btype)
     return [out[k] for k in sorted(out, key=_sort_key)]
 
 
@@ -103,6 +108,17 @@ def _float_weights(model: torch.nn.Module) -> dict[str, np.ndarray]:
         if key.rsplit(".", 1)[0] in quant or not torch.is_floating_point(value):
             continue
         out[key] = value.detach().to(torch.float32).cpu().numpy()
+    return out
+
+
+def _ggml_blocks(model: torch.nn.Module) -> dict[str, tuple[np.ndarray, str]]:
+    """GGUF bytes of linears quantized by a q2lab GGML method: written unchanged if the type fits."""
+    from q2lab.quant.linear import QuantLinear
+
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLinear) and mod.meta.get("format") == "ggml":
+            out[name] = (mod.qtensor.tensors["blocks"].cpu().numpy(), str(mod.meta["ggml_type"]))
     return out
 
 
@@ -197,6 +213,9 @@ def _add_tensor(w, t: GGUFTensor, type_name: str, qw: np.ndarray | None) -> None
     from q2lab.quant.ggml.types import ggml_type
 
     data = t.data
+    if t.blocks is not None and t.blocks_type == type_name:
+        w.add_tensor(t.name, np.ascontiguousarray(t.blocks), raw_dtype=gguf.GGMLQuantizationType[type_name])
+        return
     if type_name == "F32":
         w.add_tensor(t.name, np.ascontiguousarray(data, dtype=np.float32))
         return
@@ -221,18 +240,28 @@ def _ftype_id(file_type: str) -> int:
 
 def _copy_metadata(src: Path, w) -> None:
     """Every key of the source GGUF (hyper-parameters, tokenizer) except what the writer sets."""
+    stat = src.stat()
+    for key, value, vtype, sub in _source_fields(str(src), stat.st_size, stat.st_mtime_ns):
+        w.add_key_value(key, value, vtype, sub_type=sub)
+
+
+@functools.lru_cache(maxsize=4)
+def _source_fields(path: str, size: int, mtime_ns: int) -> tuple:
+    """The source GGUF's key/values, parsed once per file version (gguf-py parses vocabularies slowly)."""
     import gguf
 
     try:
-        reader = gguf.GGUFReader(str(src))
+        reader = gguf.GGUFReader(path)
+        out = []
         for key, fld in reader.fields.items():
             if key.startswith(_SKIP_KEYS):
                 continue
             vtype = fld.types[0]
             sub = fld.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-            w.add_key_value(key, fld.contents(), vtype, sub_type=sub)
+            out.append((key, fld.contents(), vtype, sub))
+        return tuple(out)
     except (ValueError, IndexError, KeyError, OSError) as e:
-        raise CorruptFileError(f"cannot read the metadata of the source GGUF {src}: {e}") from e
+        raise CorruptFileError(f"cannot read the metadata of the source GGUF {path}: {e}") from e
 
 
 def _metadata_from_config(loaded, w) -> None:

@@ -25,7 +25,7 @@ pytestmark = [
         reason="llama-cpp-python is not installed (pip install 'q2lab[llamacpp]'): no llama.cpp oracle",
     ),
 ]
-WINDOWS = 8
+WINDOWS = 4
 
 
 def _fresh():

@@ -198,3 +198,22 @@ def test_corrupt_inputs_are_clear_errors(f32_file, tmp_path) -> None:
         read_imatrix(bad)
     with pytest.raises(CorruptFileError):
         read_imatrix(cut)
+
+
+def test_ggml_quantized_model_exports_its_own_bytes(tmp_path) -> None:
+    """A model quantized by a q2lab GGML method (e.g. a checkpoint) keeps its exact bytes in the GGUF."""
+    from q2lab.quant.base import make_config
+    from q2lab.quant.linear import QuantLinear
+    from q2lab.quant.model import quantize_model
+
+    lm = make_tiny_model(hidden_size=256, intermediate_size=512, num_hidden_layers=2, seed=4)
+    expected = export_gguf(lm, tmp_path / "direct.gguf", "Q4_K_S")
+    quantize_model(lm.model, "q4_k", make_config("q4_k", {}), None)
+    assert any(isinstance(m, QuantLinear) for m in lm.model.modules())
+    export_gguf(lm, tmp_path / "from-ckpt.gguf", "Q4_K_S")
+    a, b = _tensors(tmp_path / "direct.gguf"), _tensors(tmp_path / "from-ckpt.gguf")
+    for name, t in a.items():
+        if t.tensor_type.name == "Q4_K":  # the q4_k linears: same bytes whether re-used or redone
+            assert np.array_equal(np.asarray(t.data), np.asarray(b[name].data)), name
+    assert [t.tensor_type for t in a.values()] == [t.tensor_type for t in b.values()]
+    assert expected["bpw"] > 4.5
