@@ -217,3 +217,18 @@ def test_ggml_quantized_model_exports_its_own_bytes(tmp_path) -> None:
             assert np.array_equal(np.asarray(t.data), np.asarray(b[name].data)), name
     assert [t.tensor_type for t in a.values()] == [t.tensor_type for t in b.values()]
     assert expected["bpw"] > 4.5
+
+
+def test_cli_export_bad_inputs_are_one_line_errors_and_leave_no_file(f32_file, tmp_path, capsys) -> None:
+    from q2lab.cli import main
+
+    out = tmp_path / "out.gguf"
+    assert main(["export", str(f32_file), "--type", "Q7_K", "--out", str(out)]) == 2
+    assert "unknown GGUF file type" in capsys.readouterr().err
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(f32_file.read_bytes()[:4096])
+    assert main(["export", str(cut), "--type", "Q4_K_M", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("q2lab: error:") and err.count("\n") == 1
+    assert main(["export", str(f32_file), "--format", "onnx", "--out", str(out)]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.gguf"]
