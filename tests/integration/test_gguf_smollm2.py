@@ -25,7 +25,7 @@ pytestmark = [
         reason="llama-cpp-python is not installed (pip install 'q2lab[llamacpp]'): no llama.cpp oracle",
     ),
 ]
-WINDOWS = 4
+WINDOWS = 8  # llama.cpp rounds activations to 8 bits: its ppl sits ≈ 0.8% above ours
 
 
 def _fresh():
