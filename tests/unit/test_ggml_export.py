@@ -232,3 +232,27 @@ def test_cli_export_bad_inputs_are_one_line_errors_and_leave_no_file(f32_file, t
     assert err.startswith("q2lab: error:") and err.count("\n") == 1
     assert main(["export", str(f32_file), "--format", "onnx", "--out", str(out)]) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.gguf"]
+
+
+def test_imatrix_from_hessian_store_is_the_diagonal(tiny256, tiny_text_file, tmp_path) -> None:
+    """--imatrix auto: every linear's importance is diag(XᵀX)/n of the shared store, by GGUF name."""
+    import torch
+
+    from q2lab.calib.store import CalibSpec, calibrate
+    from q2lab.export.gguf import imatrix_names
+    from q2lab.quant.ggml.imatrix import from_store
+
+    store = calibrate(tiny256, CalibSpec(corpus=str(tiny_text_file), windows=4, ctx=16), root=tmp_path)
+    names = imatrix_names(gguf_tensors(tiny256.model))
+    im = from_store(store, names)
+    assert len(im) == 2 * 7 and "blk.1.ffn_down.weight" in im.values
+    assert names["output.weight"] == "lm_head"  # not in the store (block linears only): no imatrix entry
+    for gname in im.values:
+        h = store.hessian(names[gname])
+        expected = (torch.diagonal(h.xtx) / h.n).to(torch.float32).numpy()
+        assert np.array_equal(im.values[gname], expected), gname
+        assert im.counts[gname] == h.n
+    back = read_imatrix(write_imatrix(tmp_path / "auto.gguf", im))
+    np.testing.assert_allclose(
+        back.values["blk.0.attn_q.weight"], im.values["blk.0.attn_q.weight"], rtol=1e-6
+    )
