@@ -362,3 +362,103 @@ def _unpermute(w: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:
     return np.ascontiguousarray(
         w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
     )
+
+
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value types
+
+
+@dataclass
+class TensorEntry:
+    """Where a tensor's bytes are in a GGUF file."""
+
+    name: str
+    type: str
+    shape: tuple[int, ...]  # ne order (ne0 = row length first)
+    offset: int  # absolute file offset
+    nbytes: int
+
+
+def tensor_index(path: str | Path) -> dict[str, TensorEntry]:
+    """Tensor names, types, shapes and byte ranges of a GGUF, without parsing the vocabulary.
+
+    gguf-py's reader materialises every token and merge (seconds for a 49k vocabulary); this
+    walks the header once, skipping values, so comparing two files' tensors is cheap.
+    """
+    import struct
+
+    import gguf
+
+    data = Path(path).read_bytes()
+    pos = 0
+
+    def take(fmt: str):
+        nonlocal pos
+        out = struct.unpack_from(fmt, data, pos)
+        pos += struct.calcsize(fmt)
+        return out
+
+    def skip_value(vtype: int) -> None:
+        nonlocal pos
+        if vtype == 8:  # string
+            (n,) = take("<Q")
+            pos += n
+        elif vtype == 9:  # array
+            sub, n = take("<IQ")
+            if sub in _SCALAR_SIZES:
+                pos += _SCALAR_SIZES[sub] * n
+            else:
+                for _ in range(n):
+                    skip_value(sub)
+        else:
+            pos += _SCALAR_SIZES[vtype]
+
+    try:
+        magic, _version, n_tensors, n_kv = take("<4sIQQ")
+        if magic != b"GGUF":
+            raise CorruptFileError(f"{path} is not a GGUF file")
+        alignment = 32
+        for _ in range(n_kv):
+            (klen,) = take("<Q")
+            key = data[pos : pos + klen].decode()
+            pos += klen
+            (vtype,) = take("<I")
+            if key == "general.alignment":
+                (alignment,) = take("<I")
+            else:
+                skip_value(vtype)
+        infos = []
+        for _ in range(n_tensors):
+            (nlen,) = take("<Q")
+            name = data[pos : pos + nlen].decode()
+            pos += nlen
+            (nd,) = take("<I")
+            shape = take(f"<{nd}Q")
+            ttype, offset = take("<IQ")
+            infos.append((name, shape, ttype, offset))
+        start = pos + (-pos) % alignment
+        out = {}
+        for name, shape, ttype, offset in infos:
+            qt = gguf.GGMLQuantizationType(ttype)
+            bs, ts = gguf.GGML_QUANT_SIZES[qt]
+            n = 1
+            for s in shape:
+                n *= s
+            out[name] = TensorEntry(name, qt.name, tuple(shape), start + offset, n // bs * ts)
+        if out and max(e.offset + e.nbytes for e in out.values()) > len(data):
+            raise CorruptFileError(f"{path} is truncated: its tensors end past the end of the file")
+        return out
+    except (struct.error, UnicodeDecodeError, KeyError, ValueError) as e:
+        raise CorruptFileError(f"{path} is a corrupt or truncated GGUF file: {e}") from e
+
+
+def differing_tensors(a: str | Path, b: str | Path) -> list[str]:
+    """Tensors whose type, shape or bytes differ between two GGUF files (missing ones included)."""
+    ia, ib = tensor_index(a), tensor_index(b)
+    da, db = Path(a).read_bytes(), Path(b).read_bytes()
+    out = sorted(set(ia) ^ set(ib))
+    for name in sorted(set(ia) & set(ib)):
+        x, y = ia[name], ib[name]
+        same = (x.type, x.shape, x.nbytes) == (y.type, y.shape, y.nbytes)
+        if not same or da[x.offset : x.offset + x.nbytes] != db[y.offset : y.offset + y.nbytes]:
+            out.append(f"{name}: {x.type} vs {y.type}")
+    return out

@@ -34,32 +34,18 @@ def _fresh():
     return load_model("smollm2-135m")  # a private copy: load_into rewrites its weights
 
 
-def _compare_files(ref, ours) -> list[str]:
-    import gguf
-
-    a = {t.name: t for t in gguf.GGUFReader(str(ref)).tensors}
-    b = {t.name: t for t in gguf.GGUFReader(str(ours)).tensors}
-    assert a.keys() == b.keys()
-    return [
-        n
-        for n in a
-        if a[n].tensor_type != b[n].tensor_type
-        or not np.array_equal(np.asarray(a[n].data).view(np.uint8), np.asarray(b[n].data).view(np.uint8))
-    ]
-
-
 def _file_bpw(path) -> float:
-    import gguf
+    from q2lab.export.gguf import tensor_index
 
-    ts = gguf.GGUFReader(str(path)).tensors
-    return sum(int(t.n_bytes) for t in ts) * 8 / sum(int(t.n_elements) for t in ts)
+    idx = tensor_index(path).values()
+    return sum(e.nbytes for e in idx) * 8 / sum(int(np.prod(e.shape)) for e in idx)
 
 
 def _check(tmp_path, file_type: str, imatrix: str | None) -> dict:
     from q2lab import api
     from q2lab.data.text import corpus_windows, load_corpus
     from q2lab.eval.likelihood import score_windows
-    from q2lab.export.gguf import load_into
+    from q2lab.export.gguf import differing_tensors, load_into
     from q2lab.quant.ggml.imatrix import read_imatrix
 
     lm = _fresh()
@@ -71,7 +57,7 @@ def _check(tmp_path, file_type: str, imatrix: str | None) -> dict:
     ref = tmp_path / f"ref-{file_type}.gguf"
     values = read_imatrix(im_file).values if imatrix else None
     llamacpp.quantize_file(f32, ref, file_type, imatrix=values, nthread=2)
-    assert _compare_files(ref, ours) == []
+    assert differing_tensors(ref, ours) == []
     assert report["bpw"] == pytest.approx(_file_bpw(ref), abs=0.01)
 
     windows = corpus_windows(lm, load_corpus("wikitext2"), WINDOWS, 512)

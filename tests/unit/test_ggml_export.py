@@ -51,14 +51,9 @@ def _tensors(path) -> dict:
 
 
 def _same_file_tensors(ref, ours) -> list[str]:
-    a, b = _tensors(ref), _tensors(ours)
-    assert a.keys() == b.keys()
-    return [
-        f"{n}: llama.cpp {a[n].tensor_type.name}, ours {b[n].tensor_type.name}"
-        for n in a
-        if a[n].tensor_type != b[n].tensor_type
-        or not np.array_equal(np.asarray(a[n].data).view(np.uint8), np.asarray(b[n].data).view(np.uint8))
-    ]
+    from q2lab.export.gguf import differing_tensors
+
+    return differing_tensors(ref, ours)
 
 
 @needs_llamacpp
@@ -198,6 +193,11 @@ def test_corrupt_inputs_are_clear_errors(f32_file, tmp_path) -> None:
         read_imatrix(bad)
     with pytest.raises(CorruptFileError):
         read_imatrix(cut)
+    from q2lab.export.gguf import tensor_index
+
+    with pytest.raises(CorruptFileError, match="truncated"):
+        tensor_index(cut)
+    assert set(tensor_index(f32_file)) == set(_tensors(f32_file))
 
 
 def test_ggml_quantized_model_exports_its_own_bytes(tmp_path) -> None:
