@@ -13,6 +13,8 @@ result equals C's early exit.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from q2lab.quant.ggml.fp import (
@@ -235,11 +237,26 @@ def _descent(x, w, wx, lv, sumlx, suml2, lo, hi, *, qp: bool):
 
 
 def best_index_int8(values: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Index of the nearest entry of the sorted int8 table ``values`` (ties go up, as in C)."""
+    """Index of the nearest entry of the sorted int8 table ``values`` (ties go up, as in C).
+
+    C bisects for ``mu``, the first entry above ``x``; with integer entries that count is a
+    function of ``floor(x)``, so it comes from a 258-entry table instead of a binary search.
+    """
     vals = np.asarray(values, dtype=F32)
     x = np.asarray(x, dtype=F32)
-    mu = np.clip(np.searchsorted(vals, x, side="right"), 1, len(vals) - 1)
-    lo, hi = vals[mu - 1], vals[mu]
-    idx = np.where(x - lo < hi - x, mu - 1, mu)
-    idx = np.where(x <= vals[0], 0, idx)
-    return np.where(x >= vals[-1], len(vals) - 1, idx)
+    n = len(vals)
+    table = _rank_table(tuple(int(v) for v in values))
+    with np.errstate(invalid="ignore"):
+        f = np.floor(x) + F32(129)
+        f = np.clip(f.astype(np.int64), 0, 257)
+    mu = np.clip(table[f], 1, n - 1)
+    idx = mu - ((x - vals[mu - 1]) < (vals[mu] - x))
+    idx[x <= vals[0]] = 0
+    idx[x >= vals[-1]] = n - 1
+    return idx
+
+
+@functools.cache
+def _rank_table(values: tuple[int, ...]) -> np.ndarray:
+    """``table[v + 129]`` = number of entries ≤ v, for integers v in [-129, 128]."""
+    return np.searchsorted(np.asarray(values), np.arange(-129, 129), side="right")
