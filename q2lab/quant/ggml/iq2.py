@@ -113,11 +113,16 @@ def _best_neighbour(cb: Codebook, keys, xo, wo, sc, width: int) -> np.ndarray:
     cand = cb.neighbours[keys, :width]  # (M, width), -1 padded
     safe = np.maximum(cand, 0)
     d2 = np.zeros(cand.shape, dtype=F32)
+    diff, term = np.empty_like(d2), np.empty_like(d2)
     with np.errstate(over="ignore", invalid="ignore"):
-        for i in range(8):
-            diff = sc * cb.qvalues[i][safe] - xo[:, i : i + 1]
-            d2 += wo[:, i : i + 1] * diff * diff
-    d2 = np.where(cand >= 0, d2, np.inf)
+        for i in range(8):  # d2 += w·diff·diff with diff = scale·q − x, in C's order, in place
+            np.take(cb.qvalues[i], safe, out=diff)
+            diff *= sc
+            diff -= xo[:, i : i + 1]
+            np.multiply(wo[:, i : i + 1], diff, out=term)
+            term *= diff
+            d2 += term
+    d2[cand < 0] = np.inf
     return cand[np.arange(len(cand)), np.argmin(d2, axis=1)]
 
 
