@@ -43,7 +43,7 @@ def imatrix(tiny256) -> Imatrix:
     rng = np.random.default_rng(0)
     tens = [t for t in gguf_tensors(tiny256.model) if t.module]
     values = {t.name: (rng.random(t.data.shape[-1]) ** 2 * 3).astype(np.float32) for t in tens}
-    return Imatrix(values, {k: 100 for k in values}, ["test"], 4, 25)
+    return Imatrix(values, {k: 100 for k in values}, datasets=["test"], chunk_count=4, chunk_size=25)
 
 
 def _tensors(path) -> dict:
@@ -250,9 +250,8 @@ def test_imatrix_from_hessian_store_is_the_diagonal(tiny256, tiny_text_file, tmp
     for gname in im.values:
         h = store.hessian(names[gname])
         expected = (torch.diagonal(h.xtx) / h.n).to(torch.float32).numpy()
-        assert np.array_equal(im.values[gname], expected), gname
+        np.testing.assert_allclose(im.values[gname], expected, rtol=1e-6, err_msg=gname)
         assert im.counts[gname] == h.n
     back = read_imatrix(write_imatrix(tmp_path / "auto.gguf", im))
-    np.testing.assert_allclose(
-        back.values["blk.0.attn_q.weight"], im.values["blk.0.attn_q.weight"], rtol=1e-6
-    )
+    for gname, v in im.values.items():  # exact: llama-quantize reads back the very same importance
+        assert np.array_equal(back.values[gname], v), gname

@@ -31,6 +31,7 @@ class Imatrix:
 
     values: dict[str, np.ndarray]
     counts: dict[str, int] = field(default_factory=dict)
+    sums: dict[str, np.ndarray] = field(default_factory=dict)  # Σx² as stored in GGUF files
     datasets: list[str] = field(default_factory=list)
     chunk_count: int = 0
     chunk_size: int = 0
@@ -42,19 +43,30 @@ class Imatrix:
         return self.values.get(name)
 
 
+def hessian_importance(h) -> tuple[np.ndarray, np.ndarray, int]:
+    """(importance, Σx², n) of a :class:`~q2lab.calib.hessian.Hessian`, the way llama.cpp forms it.
+
+    llama-quantize divides the stored float32 sums by the count in float32; computing the
+    importance the same way makes a written-then-read imatrix give back identical values, so
+    llama.cpp and q2lab quantize with bit-identical importance.
+    """
+    sums = np.diagonal(h.xtx.cpu().numpy()).astype(np.float32)
+    count = int(h.n)
+    return sums / np.float32(max(count, 1)), sums, count
+
+
 def from_store(store, names: dict[str, str]) -> Imatrix:
     """Importance of each linear from the Hessian store; ``names`` maps GGUF name → module name."""
-    values, counts = {}, {}
+    values, counts, sums = {}, {}, {}
     for gguf_name, module in names.items():
         if module not in store.linears:
             continue
-        h = store.hessian(module)
-        values[gguf_name] = h.importance().to(dtype=h.xtx.dtype).cpu().numpy().astype(np.float32)
-        counts[gguf_name] = int(h.n)
+        values[gguf_name], sums[gguf_name], counts[gguf_name] = hessian_importance(store.hessian(module))
     desc = store.describe()
     return Imatrix(
         values,
         counts,
+        sums,
         datasets=[str(desc.get("corpus", "q2lab"))],
         chunk_count=int(desc.get("windows", 0) or 0),
         chunk_size=int(desc.get("ctx", 0) or 0),
@@ -81,7 +93,9 @@ def _write_gguf(path: Path, im: Imatrix) -> None:
     w.add_uint32("imatrix.chunk_size", im.chunk_size)
     for name in sorted(im.values):
         count = im.counts.get(name, 1)
-        sums = (im.values[name].astype(np.float64) * count).astype(np.float32)
+        sums = im.sums.get(name)
+        if sums is None:
+            sums = (im.values[name].astype(np.float64) * count).astype(np.float32)
         w.add_tensor(f"{name}.in_sum2", sums.reshape(1, -1))
         w.add_tensor(f"{name}.counts", np.array([[count]], dtype=np.float32))
     w.write_header_to_file()
@@ -124,7 +138,7 @@ def _read_gguf(path: Path) -> Imatrix:
         raise CorruptFileError(f"{path} is a corrupt or truncated GGUF imatrix: {e}") from e
     if not {"imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size"} <= set(fields):
         raise CorruptFileError(f"{path} is a GGUF file without imatrix metadata (not an imatrix?)")
-    values, counts = {}, {}
+    values, counts, raw = {}, {}, {}
     for tname, sums in tensors.items():
         if not tname.endswith(".in_sum2"):
             continue
@@ -136,12 +150,14 @@ def _read_gguf(path: Path) -> Imatrix:
         safe = np.where(cnt > 0, cnt, np.float32(1))[:, None]
         values[name] = np.where(cnt[:, None] > 0, sums / safe, np.float32(1)).reshape(-1).astype(np.float32)
         counts[name] = int(cnt.max())
+        raw[name] = sums.reshape(-1)
     if not values:
         raise CorruptFileError(f"{path} holds no imatrix entries")
     ds = fields["imatrix.datasets"]
     return Imatrix(
         values,
         counts,
+        raw,
         datasets=list(ds) if isinstance(ds, list) else [str(ds)],
         chunk_count=int(fields["imatrix.chunk_count"]),
         chunk_size=int(fields["imatrix.chunk_size"]),

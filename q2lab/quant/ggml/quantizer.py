@@ -85,7 +85,9 @@ class GGMLQuantizer(Quantizer):
     def importance(self, weight: torch.Tensor, hessian, cfg: GGMLConfig) -> np.ndarray | None:
         """The per-column importance to quantize with, or ``None`` for the reference path."""
         if hessian is not None and self.uses_hessian(cfg):
-            return hessian.importance().to(torch.float32).cpu().numpy()
+            from q2lab.quant.ggml.imatrix import hessian_importance
+
+            return hessian_importance(hessian)[0]
         if self.gtype.requires_imatrix:
             if not cfg.force:
                 raise ConfigError(
