@@ -74,7 +74,8 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     live = ~(amax < GROUP_MAX_EPS)
     mx = np.where(live, mx, F32(1))
     iscale = F32(-nmax) / mx
-    lv = np.clip(nearest_int(iscale * x), -nmax, nmax - 1)
+    lv = nearest_int(iscale * x)
+    np.minimum(np.maximum(lv, -nmax, out=lv), nmax - 1, out=lv)
     w = x * x
     wx = w * x
     lf = lv.astype(F32)
@@ -201,7 +202,8 @@ def _descent(x, w, wx, lv, sumlx, suml2, lo, hi, *, qp: bool):
     """
     n = x.shape[0]
     act = np.arange(x.shape[1])
-    xs, ws, wxs, lvs, slx_all, sl2_all = x, w, wx, lv, sumlx, suml2
+    xs, ws, wxs, lvs = x, w, wx, lv
+    slx_all, sl2_all = np.array(sumlx, dtype=F32), np.array(suml2, dtype=F32)
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         for it in range(5):
             if it:
@@ -209,23 +211,31 @@ def _descent(x, w, wx, lv, sumlx, suml2, lo, hi, *, qp: bool):
                 slx_all, sl2_all = sumlx[act], suml2[act]
             changed = np.zeros(len(act), dtype=bool)
             for i in range(n):
-                wi, xi, wxi = ws[i], xs[i], wxs[i]
-                li = lvs[i].astype(F32)
+                wi, xi, wxi, lvi = ws[i], xs[i], wxs[i], lvs[i]
+                li = lvi.astype(F32)
                 slx = slx_all - wxi * li
                 sl2 = sl2_all - wi * li * li
                 ok = (slx > 0) & (sl2 > 0) if qp else slx > 0
                 new_l = nearest_int(xi * sl2 / np.where(ok, slx, F32(1)))
-                new_l = np.minimum(new_l, hi) if lo is None else np.clip(new_l, lo, hi)
-                ok &= new_l != lvs[i]
-                nl = new_l.astype(F32)
-                slx = slx + wxi * nl
-                sl2 = sl2 + wi * nl * nl
-                better = slx * slx * sl2_all > slx_all * slx_all * sl2
-                ok &= better if qp else (sl2 > 0) & better
-                lvs[i] = np.where(ok, new_l & 0xFF if qp else new_l, lvs[i])
-                slx_all = np.where(ok, slx, slx_all)
-                sl2_all = np.where(ok, sl2, sl2_all)
-                changed |= ok
+                if lo is not None:
+                    np.maximum(new_l, lo, out=new_l)
+                np.minimum(new_l, hi, out=new_l)
+                # only the groups whose level would move are worth the rest: usually a few percent
+                c = np.nonzero(ok & (new_l != lvi))[0]
+                if not c.size:
+                    continue
+                nl, nlf = new_l[c], new_l[c].astype(F32)
+                slx_c = slx[c] + wxi[c] * nlf
+                sl2_c = sl2[c] + wi[c] * nlf * nlf
+                s_old, s2_old = slx_all[c], sl2_all[c]
+                better = slx_c * slx_c * s2_old > s_old * s_old * sl2_c
+                if not qp:
+                    better &= sl2_c > 0
+                acc = c[better]
+                lvi[acc] = nl[better] & 0xFF if qp else nl[better]
+                slx_all[acc] = slx_c[better]
+                sl2_all[acc] = sl2_c[better]
+                changed[acc] = True
             if it:
                 lv[:, act], sumlx[act], suml2[act] = lvs, slx_all, sl2_all
             else:
