@@ -173,8 +173,9 @@ def eos_ids(loaded) -> list[int]:
 def encode_prompt(loaded, prompt: str) -> list[int]:
     """Prompt token ids, BOS first when the model's tokenizer adds it (as in training)."""
     ids = list(loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    if loaded.info.add_bos:
-        ids.insert(0, int(loaded.info.bos_token_id))
+    bos = loaded.info.bos_token_id
+    if loaded.info.add_bos and (not ids or ids[0] != bos):  # a chat template may already start with BOS
+        ids.insert(0, int(bos))
     if not ids:
         raise DataError("cannot generate from an empty prompt for a model that adds no BOS token")
     return ids

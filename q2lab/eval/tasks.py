@@ -8,6 +8,8 @@ Task strings (CLI ``--task``, study YAML ``tasks:``) are ``KIND:DATA``:
 ``mc:hellaswag``           multiple choice (name or generic .jsonl path): acc, acc_norm
 ``gen:collapse``           greedy generation on the default prompts (``gen:default`` is the
                            same; or a .txt/.jsonl prompt file): collapse rate, repetition
+``ifeval:ifeval``          IFEval (staged prompts or a path): prompt/instruction-level strict
+                           and loose accuracy; chat template for instruct models
 ``harness:hellaswag``      the same MC items scored by lm-eval itself through
                            :mod:`q2lab.eval.harness` (needs ``q2lab[eval]``): acc, acc_norm
 =========================  ==========================================================
@@ -34,7 +36,7 @@ from q2lab.eval.records import Record
 from q2lab.models.loader import LoadedModel
 from q2lab.utils.io import sha256_json
 
-KINDS = ("ppl", "kld", "mc", "gen", "harness")
+KINDS = ("ppl", "kld", "mc", "gen", "harness", "ifeval")
 GEN_ALIASES = {"collapse": "default"}
 
 
@@ -47,14 +49,24 @@ class TaskSpec:
     limit: int | None = None  # mc: first N items; gen: first N prompts
     max_new_tokens: int = 64
     batch_size: int | None = None
+    chat: bool | None = None  # gen/ifeval: apply the chat template (None: when the tokenizer has one)
 
     @property
     def label(self) -> str:
         return f"{self.kind}:{self.data}"
 
     def key(self) -> str:
-        """Hash of everything that changes the task's numbers (for resumable studies)."""
-        return sha256_json(dataclasses.asdict(self))[:12]
+        """Hash of everything that changes the task's numbers (for resumable studies).  Fields
+        added after the first release count only when set, so older results keep their keys."""
+        d = dataclasses.asdict(self)
+        for name, default in _LATER_FIELDS.items():
+            if d.get(name) == default:
+                d.pop(name)
+        return sha256_json(d)[:12]
+
+
+#: Fields added to TaskSpec later, with the default that leaves a task's key unchanged.
+_LATER_FIELDS: dict[str, Any] = {"chat": None}
 
 
 _OPTION_KEYS = {f.name for f in dataclasses.fields(TaskSpec)} - {"kind", "data"}
@@ -81,6 +93,12 @@ def parse_task(spec: str | dict[str, Any], **defaults: Any) -> TaskSpec:
         raise ConfigError(f"task {name!r} must look like KIND:DATA with KIND one of {', '.join(KINDS)}")
     if kind not in ("ppl", "kld"):
         opts.pop("windows", None)
+    if kind == "ifeval" and "max_new_tokens" not in opts:
+        from q2lab.eval.ifeval import DEFAULT_MAX_NEW_TOKENS
+
+        opts["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
+    if opts.get("chat") is not None and not isinstance(opts["chat"], bool):
+        raise ConfigError(f"task {name}: chat must be true, false or null, got {opts['chat']!r}")
     for key in ("windows", "ctx", "limit", "max_new_tokens", "batch_size"):
         v = opts.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -100,6 +118,11 @@ def check_data(task: TaskSpec) -> None:
             from q2lab.eval.harness import _require
 
             _require()
+    elif task.kind == "ifeval":
+        from q2lab.eval.ifeval import _registry, load_ifeval
+
+        load_ifeval(task.data, limit=task.limit)
+        _registry()
     else:
         from q2lab.eval.generation import load_prompts
 
@@ -113,6 +136,7 @@ class Evaluator:
     reference: LoadedModel | None
     workdir: Path | None = None  # where reference log-probs are cached (None: in lockstep)
     timings: dict[str, float] = field(default_factory=dict)
+    candidate_key: str | None = None  # names the candidate in resume files (a study sets the cell id)
     _ref_caches: dict[str, ReferenceCache] = field(default_factory=dict)
     _thresholds: dict[str, Any] = field(default_factory=dict)
 
@@ -138,6 +162,8 @@ class Evaluator:
                 records += self._mc(candidate, task)
             elif task.kind == "harness":
                 records += self._harness(candidate, task)
+            elif task.kind == "ifeval":
+                records += self._ifeval(candidate, task)
             else:
                 records += self._gen(candidate, task, is_reference)
             done.add(task)
@@ -221,6 +247,30 @@ class Evaluator:
         for r in records:
             r.details["scorer"] = "lm-eval HFLM (simple_evaluate)"
         return records
+
+    def _ifeval(self, candidate: LoadedModel, task: TaskSpec) -> list[Record]:
+        """IFEval answers are the longest generation q2lab runs: with a workdir, finished
+        answers go to a resume file per candidate and task, so an interrupted run continues."""
+        from q2lab.eval.ifeval import ifeval_records, load_ifeval, run_ifeval
+
+        data = load_ifeval(task.data, limit=task.limit)
+        resume = self._resume_file(candidate, task, "ifeval")
+        run = run_ifeval(
+            candidate,
+            data,
+            max_new_tokens=task.max_new_tokens,
+            chat=task.chat,
+            batch_size=task.batch_size or 8,
+            resume=resume,
+        )
+        return ifeval_records(task.label, data, run)
+
+    def _resume_file(self, candidate: LoadedModel, task: TaskSpec, what: str) -> Path | None:
+        """Where a long task keeps its partial results, keyed by candidate and task settings."""
+        if self.workdir is None:
+            return None
+        who = self.candidate_key or candidate.info.fingerprint
+        return Path(self.workdir) / "partial" / f"{what}-{sha256_json([who, task.key()])[:16]}.jsonl"
 
     # ----------------------------------------------------------------- generation
     def _gen(self, candidate: LoadedModel, task: TaskSpec, is_reference: bool) -> list[Record]:

@@ -130,6 +130,7 @@ class _CellContext:
             qinfo = report.to_dict()
         t_quant = time.time() - t0
         self.evaluator.timings.clear()
+        self.evaluator.candidate_key = f"{cell.id}|{sha256_json(cell.options)}"
         records = self.evaluator.run(candidate, tasks)
         rows = [
             self._row(cell, candidate, qinfo, t_quant, task_of(r.task, tasks), r.to_dict()) for r in records
