@@ -12,7 +12,7 @@ STUDY ?= examples/quickstart.yaml
 OUT ?= runs/quickstart
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install install-llamacpp demo test test-fast lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+
+# Optional peer: llama.cpp through llama-cpp-python (builds from source, ~10-15 min on 2 cores; pip caches
+# the wheel).  Tests that use it as the bit-exact oracle skip with a message when it is absent.
+install-llamacpp: install
+	$(PIP) install -q -e ".[llamacpp]"
 
 demo: install
 	$(VENV)/bin/q2lab study $(STUDY) --out $(OUT)

@@ -75,7 +75,7 @@ def quantize(
     cfg = make_config(method, options)  # validate before loading anything
     loaded = _as_loaded(model)
     store = None
-    if get_quantizer(method).needs_hessian:
+    if get_quantizer(method).uses_hessian(cfg):
         spec = CalibSpec(corpus, windows, ctx, seed)
         store = open_store(loaded, calib, spec) if calib else _calibrate(loaded, spec)
     report = quantize_model(loaded.model, method, cfg, store)

@@ -179,6 +179,12 @@ class Quantizer(ABC):
     def dequantize(self, qt: QuantizedTensor) -> torch.Tensor:
         """Decode ``qt`` back to a float matrix of shape ``qt.shape``."""
 
+    def uses_hessian(self, cfg: MethodConfig) -> bool:
+        """Whether quantizing with ``cfg`` reads calibration Hessians (calibration is scheduled
+        for it).  Methods whose Hessian use is an option (GGML types' importance matrix)
+        override this; by default it is ``needs_hessian``."""
+        return self.needs_hessian
+
     def quantize_many(
         self, weights: list[torch.Tensor], hessian: Hessian | None, cfg: MethodConfig
     ) -> list[QuantizedTensor]:

@@ -1,3 +1,4 @@
 """Imports every built-in method module so that each registers itself by name."""
 
 from q2lab.quant import gptq, rtn  # noqa: F401
+from q2lab.quant.ggml import quantizer as ggml_quantizer  # noqa: F401

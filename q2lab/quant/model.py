@@ -106,7 +106,7 @@ def quantize_model(
 ) -> QuantReport:
     """Quantize ``model``'s decoder linears in place with ``method``; returns the report."""
     quantizer = get_quantizer(method)
-    if quantizer.needs_hessian and store is None:
+    if quantizer.uses_hessian(cfg) and store is None:
         raise ConfigError(
             f"method {quantizer.name} needs calibration Hessians: calibrate first (q2lab calibrate) "
             "or give the study a calibration section"

@@ -105,7 +105,7 @@ class StudyConfig:
 
     @property
     def needs_hessians(self) -> bool:
-        return any(not c.is_reference and get_quantizer(c.method).needs_hessian for c in self.cells)
+        return any(not c.is_reference and get_quantizer(c.method).uses_hessian(c.config) for c in self.cells)
 
 
 def load_study(path: str | Path) -> StudyConfig:

@@ -93,7 +93,7 @@ def run_study(
 def _calibrate_if_needed(cfg: StudyConfig, model: str, todo, log) -> str | None:
     from q2lab.quant.base import get_quantizer
 
-    if not any(not c.is_reference and get_quantizer(c.method).needs_hessian for c, _ in todo):
+    if not any(not c.is_reference and get_quantizer(c.method).uses_hessian(c.config) for c, _ in todo):
         return None
     assert cfg.calibration is not None
     ref = load_model(model, dtype=cfg.dtype)

@@ -200,3 +200,28 @@ def test_missing_data_names_the_file_and_variable(monkeypatch, tmp_path):
     monkeypatch.delenv("Q2LAB_DATA")
     with pytest.raises(DataError, match="Q2LAB_DATA is not set"):
         load_corpus("wikitext2")
+
+
+def test_ray_runner_gives_the_same_results(workspace, monkeypatch):
+    """Cells as Ray tasks (a local 2-CPU cluster) reproduce the in-process numbers."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'q2lab[ray]')")
+    monkeypatch.setenv("Q2LAB_CACHE", str(workspace / "cache"))
+    path = study_yaml(
+        workspace,
+        methods=[{"method": "fp"}, {"method": "gptq", "bits": 3, "group_size": 32}],
+        tasks=[f"ppl:{workspace / 'text.txt'}", f"kld:{workspace / 'text.txt'}"],
+    )
+    local = runner.run_study(path, workspace / "local", log=lambda m: None)
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        remote = runner.run_study(path, workspace / "ray", use_ray=True, log=lambda m: None)
+    finally:
+        ray.shutdown()
+
+    def values(p):
+        return {(r["cell"], r["metric"]): r["value"] for r in map(json.loads, p.read_text().splitlines())}
+
+    a, b = values(local), values(remote)
+    assert a.keys() == b.keys() and len(a) >= 6
+    for key in a:
+        assert b[key] == pytest.approx(a[key], rel=1e-4), key

@@ -1,0 +1,1 @@
+"""llama.cpp's GGML quantization types, reimplemented bit-exactly and vectorised (issue 4)."""

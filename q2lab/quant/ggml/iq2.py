@@ -1,0 +1,1 @@
+"""IQ2 types (placeholder)."""

@@ -1,0 +1,1 @@
+"""Orthogonal transforms shared by rotation-based methods (QuIP#, QTIP, SpinQuant)."""
