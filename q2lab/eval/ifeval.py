@@ -188,20 +188,6 @@ def verify(item: IFEvalItem, response: str, registry: dict[str, Any] | None = No
 
 
 # --------------------------------------------------------------------------- generation
-def chat_prompt(loaded: Any, prompt: str, chat: bool | None = None) -> str:
-    """The text the model continues: the chat template's rendering of one user turn when the
-    tokenizer has a template (``chat=None``: automatic) or ``chat=True``, else the bare prompt."""
-    template = getattr(loaded.tokenizer, "chat_template", None)
-    if chat is None:
-        chat = bool(template)
-    if not chat:
-        return prompt
-    if not template:
-        raise ConfigError(f"{loaded.info.name} has no chat template; set chat: false for plain continuation")
-    messages = [{"role": "user", "content": prompt}]
-    return loaded.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
 @dataclass
 class IFEvalRun:
     """Answers and verdicts of one model (``answers`` in item order)."""
@@ -226,7 +212,7 @@ def run_ifeval(
     """Greedy answers to every prompt, then the checks.  Prompts are generated shortest first
     (less padding per batch); with ``resume`` finished answers are read from, and new ones
     appended to, that JSON-lines file (keyed by prompt key, checked against the settings)."""
-    from q2lab.eval.generation import encode_prompt, generate
+    from q2lab.eval.generation import chat_prompt, encode_prompt, generate
     from q2lab.utils.progress import progress
 
     use_chat = bool(getattr(loaded.tokenizer, "chat_template", None)) if chat is None else chat

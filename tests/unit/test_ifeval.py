@@ -10,6 +10,7 @@ import pytest
 
 from q2lab.errors import ConfigError, DataError
 from q2lab.eval import ifeval
+from q2lab.eval.generation import chat_prompt
 from q2lab.eval.ifeval import IFEvalItem, IFEvalRun, IFEvalSet, Verdict, ifeval_records, load_ifeval, verify
 from q2lab.eval.tasks import Evaluator, TaskSpec, parse_task
 from q2lab.utils.io import sha256_json
@@ -147,9 +148,9 @@ def test_task_parsing_defaults_and_stable_keys():
     assert parse_task({"task": "ifeval:ifeval", "chat": False}).chat is False
     with pytest.raises(ConfigError, match="chat must be"):
         parse_task({"task": "ifeval:ifeval", "chat": "yes"})
-    # a task from before the `chat` field keeps its resume key
+    # a task from before the `chat`, `temperature` and `seed` fields keeps its resume key
     old = TaskSpec("mc", "hellaswag", limit=5)
-    legacy = {k: v for k, v in old.__dict__.items() if k != "chat"}
+    legacy = {k: v for k, v in old.__dict__.items() if k not in ("chat", "temperature", "seed")}
     assert old.key() == sha256_json(legacy)[:12]
     assert TaskSpec("mc", "hellaswag", limit=5, chat=True).key() != old.key()
 
@@ -201,8 +202,8 @@ def test_evaluator_runs_ifeval_with_a_resume_file_per_candidate(tmp_path):
     assert all(0 <= r.value <= 1 and r.n == 2 for r in recs)
     assert len(list((tmp_path / "work" / "partial").glob("ifeval-*.jsonl"))) == 1
     with pytest.raises(ConfigError, match="no chat template"):
-        ifeval.chat_prompt(loaded, "hi", chat=True)
-    np.testing.assert_equal(ifeval.chat_prompt(loaded, "hi"), "hi")
+        chat_prompt(loaded, "hi", chat=True)
+    np.testing.assert_equal(chat_prompt(loaded, "hi"), "hi")
 
 
 def test_a_chat_rendering_that_starts_with_bos_gets_no_second_bos():
