@@ -317,7 +317,8 @@ def _generate_batch(
     seq = ids
     done = torch.zeros(len(encoded), dtype=torch.bool, device=device)
     new: list[torch.Tensor] = []
-    for step in range(max_new_tokens):
+    # per-token bar: a batch of long answers takes minutes, and the ETA should say so
+    for step in progress(range(max_new_tokens), f"decode {len(encoded)} rows", max_new_tokens, unit="tok"):
         logits = out.logits[:, -1].float()
         if logits_processor is not None:
             logits = logits_processor(seq, logits)
