@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,11 +153,19 @@ class Evaluator:
     _thresholds: dict[str, Any] = field(default_factory=dict)
     _ref_samples: dict[str, Any] = field(default_factory=dict)  # reference generations per gen task
 
-    def run(self, candidate: LoadedModel, tasks: list[TaskSpec]) -> list[Record]:
-        """All records for ``candidate``; ``kld`` needs a reference, as does calibrating ``gen``."""
+    def run(
+        self,
+        candidate: LoadedModel,
+        tasks: list[TaskSpec],
+        on_records: Callable[[list[Record]], None] | None = None,
+    ) -> list[Record]:
+        """All records for ``candidate``; ``kld`` needs a reference, as does calibrating ``gen``.
+        ``on_records`` receives each task's records as soon as it finishes (a study appends
+        them to its results, so an interrupted cell resumes at the first unfinished task)."""
         records: list[Record] = []
         is_reference = self.reference is not None and candidate is self.reference
         done: set[TaskSpec] = set()
+        reported: set[str] = set()
         for task in tasks:
             if task in done:
                 continue
@@ -180,6 +189,9 @@ class Evaluator:
                 records += self._gen(candidate, task, is_reference)
             done.add(task)
             self.timings[task.label] = round(time.time() - t0, 2)
+            if on_records is not None:
+                on_records([r for r in records if r.task in {t.label for t in done} - reported])
+                reported = {t.label for t in done}
         return records
 
     # ----------------------------------------------------------------- ppl / kld
