@@ -104,3 +104,43 @@ def evaluate(
         check_data(spec)
     reference = _as_loaded(ref) if ref is not None else None
     return Evaluator(reference).run(_as_loaded(candidate), specs)
+
+
+def export(
+    model: str | LoadedModel,
+    out: str | Path,
+    *,
+    format: str = "gguf",
+    type: str = "F32",
+    imatrix: str | Path | None = None,
+    save_imatrix: str | Path | None = None,
+    calib: str | Path | None = None,
+    corpus: str = "wikitext2",
+    windows: int = 128,
+    ctx: int = 512,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Export ``model`` (or a q2lab checkpoint) to a llama.cpp GGUF of file type ``type``.
+
+    ``imatrix`` is ``"auto"`` (the diagonal of the shared Hessian store, calibrating if needed),
+    a llama.cpp imatrix file (GGUF or legacy .dat), or ``None``.  Returns the per-tensor plan.
+    """
+    from q2lab.export.gguf import export_gguf, gguf_tensors, imatrix_names
+    from q2lab.quant.ggml import imatrix as im
+    from q2lab.quant.ggml.recipes import DEFAULT_TYPE, UNSUPPORTED
+
+    if str(format).lower() != "gguf":
+        raise ConfigError(f"unknown export format {format!r}; supported: gguf")
+    if type.upper() not in DEFAULT_TYPE and type.upper() not in UNSUPPORTED:
+        raise ConfigError(f"unknown GGUF file type {type!r}; known: {', '.join(DEFAULT_TYPE)}")
+    loaded = _as_loaded(model)
+    matrix = None
+    if imatrix is not None and str(imatrix) == "auto":
+        spec = CalibSpec(corpus, windows, ctx, seed)
+        store = open_store(loaded, calib, spec) if calib else _calibrate(loaded, spec)
+        matrix = im.from_store(store, imatrix_names(gguf_tensors(loaded.model)))
+    elif imatrix is not None:
+        matrix = im.read_imatrix(imatrix)
+    if save_imatrix and matrix is not None:
+        im.write_imatrix(save_imatrix, matrix)
+    return export_gguf(loaded, out, type.upper(), imatrix=matrix, progress=True)

@@ -128,6 +128,33 @@ def cmd_methods(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from q2lab import api
+
+    report = api.export(
+        args.model,
+        args.out,
+        format=args.format,
+        type=args.type,
+        imatrix=args.imatrix,
+        save_imatrix=args.save_imatrix,
+        calib=args.calib,
+        corpus=args.corpus,
+        windows=args.windows,
+        ctx=args.ctx,
+        seed=args.seed,
+    )
+    if args.report:
+        from q2lab.utils.io import write_json_atomic
+
+        write_json_atomic(args.report, report)
+    for t in report["tensors"]:
+        print(f"{t['name']:<32} {t['type']:<8} {t['bpw']:7.4f} bpw  {t.get('why', '')}")
+    summary = {k: v for k, v in report.items() if k != "tensors"}
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="q2lab", description="Extreme low-bit LLM quantization with honest evaluation."
@@ -190,6 +217,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("results")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_report)
+
+    s = sub.add_parser("export", help="write a model or checkpoint as a llama.cpp GGUF (float or quantized)")
+    s.add_argument("model", help="model source or q2lab checkpoint folder")
+    s.add_argument("--format", default="gguf", help="output format (gguf)")
+    s.add_argument(
+        "--type", default="F32", help="llama.cpp file type: F32, F16, Q8_0, Q6_K, Q4_K_M, Q2_K, IQ2_XXS, ..."
+    )
+    s.add_argument(
+        "--imatrix", help="'auto' (diagonal of the shared Hessians) or a llama.cpp imatrix file (.gguf/.dat)"
+    )
+    s.add_argument("--save-imatrix", dest="save_imatrix", type=Path, help="also write the imatrix used")
+    s.add_argument("--calib", help="Hessian store folder or root for --imatrix auto")
+    calib_args(s)
+    s.add_argument("--report", type=Path, help="write the per-tensor type/bpw report as JSON")
+    s.add_argument("--out", required=True, type=Path, help="GGUF file to write")
+    s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("methods", help="list registered methods and their options")
     s.set_defaults(func=cmd_methods)

@@ -69,6 +69,58 @@ def test_bytes_equal_llamacpp(name: str, with_imatrix: bool) -> None:
 
 
 @needs_llamacpp
+@pytest.mark.parametrize("name", IQ2_TYPES)
+def test_iq2_bytes_equal_llamacpp(name: str) -> None:
+    """IQ2 with an importance matrix (and IQ2_S's reference path): one search, bit for bit."""
+    t = ggml_type(name)
+    x = hard_matrix(512)
+    x[10:] = np.random.default_rng(9).standard_t(4, (x.shape[0] - 10, 512)) * 0.02
+    for qw in [importance(512)] + ([None] if name == "IQ2_S" else []):
+        ours = t.quantize_rows(x, qw)
+        bad = np.nonzero((ours != llamacpp.quantize_chunk(int(t.qtype), x, qw)).any(axis=1))[0]
+        assert bad.size == 0, f"{name}: rows {bad.tolist()} differ from llama.cpp"
+
+
+@pytest.mark.parametrize("name", IQ2_TYPES)
+def test_iq2_dequantize_equals_gguf_package(name: str) -> None:
+    t = ggml_type(name)
+    x = hard_matrix(256, seed=5)
+    blocks = t.quantize_rows(x, importance(256))
+    ours = t.dequantize_rows(blocks, 256)
+    assert np.array_equal(ours.view(np.uint32), gq.dequantize(blocks, t.qtype).view(np.uint32))
+    assert np.all(ours[1] == 0)
+    x = np.random.default_rng(2).standard_normal((8, 256)).astype(np.float32)
+    err = t.dequantize_rows(t.quantize_rows(x, np.ones(256, np.float32)), 256) - x
+    assert float(np.sqrt((err**2).mean())) < 0.6, "2-bit lattice error on unit Gaussians"
+
+
+def test_iq2_codebook_is_the_published_grid() -> None:
+    """The grid decodes to gguf's table and every searchable off-grid key has neighbours."""
+    from q2lab.quant.ggml.iq2 import codebook
+
+    for name, size in zip(IQ2_TYPES, (256, 512, 1024)):
+        cb = codebook(name)
+        assert cb.levels.shape == (size, 8)
+        getattr(gq, name).init_grid()
+        vals = np.array(getattr(gq, name).grid_map, np.float32)[cb.levels]
+        assert np.array_equal(vals, getattr(gq, name).grid.reshape(-1, 8))
+        off = cb.kmap < 0
+        on_keys = np.nonzero(~off)[0]
+        assert np.array_equal(np.sort(cb.kmap[on_keys]), np.arange(size))
+        assert np.all(cb.neighbours[~off] == -1)
+
+
+@pytest.mark.parametrize("name", ["iq2_xxs", "iq2_xs", "iq2_s"])
+def test_iq2_without_importance_is_refused_unless_forced(name: str) -> None:
+    q = get_quantizer(name)
+    w = torch.from_numpy(hard_matrix(256, rows=4))
+    with pytest.raises(ConfigError, match="needs an importance matrix"):
+        q.quantize(w, None, make_config(name, {}))
+    qt = q.quantize(w, None, make_config(name, {"force": True}))
+    assert qt.tensors["blocks"].shape == (4, ggml_type(name).row_bytes(256))
+
+
+@needs_llamacpp
 @pytest.mark.parametrize("name", ["Q2_K", "Q4_K", "Q6_K", "IQ4_NL"])
 def test_bytes_equal_llamacpp_on_wide_rows(name: str) -> None:
     """Several super-blocks per row and a per-row sigma²: a 1536-wide matrix."""
@@ -156,3 +208,33 @@ def test_quantize_many_equals_one_by_one() -> None:
 def test_bits_are_fixed_by_the_type() -> None:
     with pytest.raises(ConfigError, match="q4_k stores 4-bit codes"):
         make_config("q4_k", {"bits": 3})
+
+
+@pytest.mark.parametrize("name,fallback", [("q4_k", "Q5_0"), ("q2_k", "Q4_0"), ("q6_k", "Q8_0")])
+def test_fallback_option_uses_llamacpps_32_block_type(name: str, fallback: str) -> None:
+    """Rows of 576 (SmolLM2): an error by default, llama.cpp's fallback type with fallback=true."""
+    q = get_quantizer(name)
+    w = torch.from_numpy(hard_matrix(576, rows=4))
+    with pytest.raises(ShapeError, match="fallback=true"):
+        q.quantize(w, None, make_config(name, {}))
+    qt = q.quantize(w, None, make_config(name, {"fallback": True}))
+    assert qt.meta["ggml_type"] == fallback and qt.method == fallback.lower()
+    assert np.array_equal(qt.tensors["blocks"].numpy(), ggml_type(fallback).quantize_rows(w.numpy()))
+    assert torch.equal(
+        qt.dequantize(),
+        torch.from_numpy(ggml_type(fallback).dequantize_rows(qt.tensors["blocks"].numpy(), 576)),
+    )
+
+
+def test_kquant_study_config_is_valid(data_root) -> None:
+    """examples/kquant-study.yaml parses and every cell's options validate for its GGML method."""
+    from pathlib import Path
+
+    from q2lab.study.config import load_study
+
+    study = load_study(Path(__file__).resolve().parents[2] / "examples" / "kquant-study.yaml")
+    methods = {c.method for c in study.cells}
+    assert {"q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0", "iq2_xxs", "iq2_xs", "iq2_s"} <= methods
+    for cell in study.cells:
+        if cell.method != "fp":  # the float reference row is not a registered method
+            make_config(cell.method, cell.options)

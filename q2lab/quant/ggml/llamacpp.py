@@ -134,3 +134,51 @@ def quantize_file(
     rc = llama.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
         raise ModelError(f"llama.cpp could not quantize {src} to {ftype} (see its log above)")
+
+
+class Runner:
+    """A GGUF loaded in llama.cpp (CPU) that returns the logits of every position of a sequence."""
+
+    def __init__(self, path: str | os.PathLike, n_ctx: int = 512, n_threads: int | None = None) -> None:
+        llama = _llama()
+        try:
+            self.llm = llama.Llama(
+                model_path=str(path),
+                n_ctx=n_ctx,
+                n_batch=n_ctx,
+                logits_all=True,
+                n_threads=n_threads or max(1, (os.cpu_count() or 1)),
+                verbose=False,
+            )
+        except (ValueError, RuntimeError) as e:
+            raise ModelError(f"llama.cpp cannot load {path}: {e}") from e
+
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        """(len(tokens), vocab) float32 logits, each position seeing only its prefix."""
+        self.llm.reset()
+        self.llm.eval(list(tokens))
+        return np.array(self.llm.scores[: len(tokens)], dtype=np.float32)
+
+    def nll(self, window: list[int]) -> tuple[float, int]:
+        """Summed negative log-likelihood of tokens 1… of ``window`` given their prefixes."""
+        lg = self.logits(window)[:-1].astype(np.float64)
+        lg -= lg.max(axis=1, keepdims=True)
+        logz = np.log(np.exp(lg).sum(axis=1))
+        tgt = np.asarray(window[1:])
+        return float((logz - lg[np.arange(len(tgt)), tgt]).sum()), len(tgt)
+
+
+def logits(path: str | os.PathLike, tokens: list[int]) -> np.ndarray:
+    """llama.cpp's logits for ``tokens`` from the GGUF at ``path``."""
+    return Runner(path, n_ctx=max(8, len(tokens))).logits(tokens)
+
+
+def perplexity(path: str | os.PathLike, windows) -> float:
+    """llama.cpp's perplexity over q2lab's token windows ((n, ctx) ids; positions 1… scored)."""
+    rows = [list(map(int, w)) for w in np.asarray(windows)]
+    runner = Runner(path, n_ctx=len(rows[0]))
+    total, count = 0.0, 0
+    for w in rows:
+        nll, n = runner.nll(w)
+        total, count = total + nll, count + n
+    return float(np.exp(total / count))

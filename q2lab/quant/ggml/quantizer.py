@@ -48,6 +48,11 @@ class GGMLConfig(MethodConfig):
     force: bool = option(
         False, "IQ2 only: quantize without an importance matrix (llama.cpp refuses: garbage)"
     )
+    fallback: bool = option(
+        False,
+        "rows that are not a multiple of the block use llama.cpp's fallback type "
+        "(Q2_K/Q3_K→Q4_0, Q4_K→Q5_0, Q5_K→Q5_1, Q6_K→Q8_0, IQ2→IQ4_NL), as llama-quantize does",
+    )
 
     TYPE: ClassVar[str] = ""
 
@@ -80,7 +85,9 @@ class GGMLQuantizer(Quantizer):
     def importance(self, weight: torch.Tensor, hessian, cfg: GGMLConfig) -> np.ndarray | None:
         """The per-column importance to quantize with, or ``None`` for the reference path."""
         if hessian is not None and self.uses_hessian(cfg):
-            return hessian.importance().to(torch.float32).cpu().numpy()
+            from q2lab.quant.ggml.imatrix import hessian_importance
+
+            return hessian_importance(hessian)[0]
         if self.gtype.requires_imatrix:
             if not cfg.force:
                 raise ConfigError(
@@ -91,21 +98,34 @@ class GGMLQuantizer(Quantizer):
             return None if self.gtype.name == "IQ2_S" else np.ones(weight.shape[1], dtype=np.float32)
         return None
 
+    def target(self, cols: int, cfg: GGMLConfig) -> GGMLQuantizer:
+        """This type, or llama.cpp's fallback type when rows of ``cols`` do not fit (if enabled)."""
+        if self.gtype.can_hold(cols) or not cfg.fallback:
+            self.gtype.check_row_length(cols)
+            return self
+        from q2lab.quant.ggml.recipes import FALLBACK
+
+        fb = FALLBACK.get(self.gtype.name)
+        if fb is None or not ggml_type(fb).can_hold(cols):
+            self.gtype.check_row_length(cols)
+        return method_for_type(fb)
+
     def quantize(self, weight, hessian, cfg: GGMLConfig) -> QuantizedTensor:
         self.check_inputs(weight, hessian)
-        self.gtype.check_row_length(int(weight.shape[1]))
+        target = self.target(int(weight.shape[1]), cfg)
         qw = self.importance(weight, hessian, cfg)
-        return self.from_float(weight, qw)
+        return target.from_float(weight, qw)
 
     def quantize_many(self, weights, hessian, cfg: GGMLConfig) -> list[QuantizedTensor]:
         """Rows are independent given the importance, so linears sharing an input go as one matrix."""
         for w in weights:
             self.check_inputs(w, hessian)
-            self.gtype.check_row_length(int(w.shape[1]))
+        target = self.target(int(weights[0].shape[1]), cfg)
         qw = self.importance(weights[0], hessian, cfg)
-        stacked = self.from_float(torch.cat([w.float() for w in weights]), qw)
+        stacked = target.from_float(torch.cat([w.float() for w in weights]), qw)
         blocks = stacked.tensors["blocks"].split([w.shape[0] for w in weights])
-        return [self.from_blocks(b.contiguous(), w.shape[1], qw is not None) for b, w in zip(blocks, weights)]
+        has_im = qw is not None
+        return [target.from_blocks(b.contiguous(), w.shape[1], has_im) for b, w in zip(blocks, weights)]
 
     def from_float(self, weight: torch.Tensor, qw: np.ndarray | None) -> QuantizedTensor:
         x = weight.detach().to(torch.float32).cpu().numpy()

@@ -13,6 +13,8 @@ result equals C's early exit.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from q2lab.quant.ggml.fp import (
@@ -46,58 +48,39 @@ def make_qx_quants(x: np.ndarray, nmax: int, qw: np.ndarray | None = None) -> tu
         lf = lv.astype(F32)
         return lv, seqsum(wx * lf), seqsum(w * lf * lf)
 
-    lv, sumlx, suml2 = trial(F32(-nmax) / mx)
-    levels = lv + nmax
+    best_is = F32(-nmax) / mx
+    _, sumlx, suml2 = trial(best_is)
     scale = safe_div(sumlx, suml2, suml2 != 0)
     best = scale * sumlx
     for step in range(-9, 10):
         if step == 0:
             continue
-        lv, sumlx, suml2 = trial(-(F32(nmax) + F32(0.1) * F32(step)) / mx)
+        iscale = -(F32(nmax) + F32(0.1) * F32(step)) / mx
+        _, sumlx, suml2 = trial(iscale)
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
             new_scale = safe_div(sumlx, suml2, better)
-        levels = np.where(better, lv + nmax, levels)
+        best_is = np.where(better, iscale, best_is)  # levels are a function of the scale: redo once
         scale = np.where(better, new_scale, scale)
         best = np.where(better, new_scale * sumlx, best)
-    levels = np.where(live, levels, 0)
+    levels = np.where(live, trial(best_is)[0] + nmax, 0)
     return np.where(live, scale, F32(0)), levels
 
 
 def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     """Q3_K's reference search: RTN at ``-nmax/max`` then ≤ 5 coordinate-descent passes (w = x²)."""
     x = np.asarray(x, dtype=F32)
-    n = x.shape[0]
     amax, mx = first_max_abs(x)
     live = ~(amax < GROUP_MAX_EPS)
     mx = np.where(live, mx, F32(1))
     iscale = F32(-nmax) / mx
-    lv = np.clip(nearest_int(iscale * x), -nmax, nmax - 1)
+    lv = nearest_int(iscale * x)
+    np.minimum(np.maximum(lv, -nmax, out=lv), nmax - 1, out=lv)
     w = x * x
     wx = w * x
     lf = lv.astype(F32)
     sumlx, suml2 = seqsum(wx * lf), seqsum(w * lf * lf)
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        for _ in range(5):
-            changed = np.zeros(x.shape[1], dtype=bool)
-            for i in range(n):
-                wi, xi, wxi = w[i], x[i], wx[i]
-                li = lv[i].astype(F32)
-                slx = sumlx - wxi * li
-                ok = slx > 0
-                sl2 = suml2 - wi * li * li
-                new_l = np.clip(nearest_int(xi * sl2 / np.where(ok, slx, F32(1))), -nmax, nmax - 1)
-                ok &= new_l != lv[i]
-                nl = new_l.astype(F32)
-                slx = slx + wxi * nl
-                sl2 = sl2 + wi * nl * nl
-                ok &= (sl2 > 0) & (slx * slx * suml2 > sumlx * sumlx * sl2)
-                lv[i] = np.where(ok, new_l, lv[i])
-                sumlx = np.where(ok, slx, sumlx)
-                suml2 = np.where(ok, sl2, suml2)
-                changed |= ok
-            if not changed.any():
-                break
+    lv, sumlx, suml2 = _descent(x, w, wx, lv, sumlx, suml2, -nmax, nmax - 1, qp=False)
     scale = safe_div(sumlx, suml2, suml2 > 0)
     return np.where(live, scale, F32(0)), np.where(live, lv + nmax, 0)
 
@@ -141,6 +124,7 @@ def make_qkx_quants(
     levels = np.clip(nearest_int(iscale * (x - mn)), 0, nmax)
     best = err(scale, mn, levels.astype(F32))
     cur_min = mn
+    best_is, best_from = iscale, mn  # the winning rounding, redone once at the end
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         for step in range(nstep + 1):
             span = np.where(flat, F32(1), mx - cur_min)
@@ -159,10 +143,12 @@ def make_qkx_quants(
             this_scale = np.where(pos, sum_xl / np.where(sum_l2 != 0, sum_l2, F32(1)), this_scale)
             cur = err(this_scale, this_min, lf)
             better = ok & (cur < best) & ~flat
-            levels = np.where(better, laux, levels)
+            best_is = np.where(better, iscale, best_is)
+            best_from = np.where(better, cur_min, best_from)
             best = np.where(better, cur, best)
             scale = np.where(better, this_scale, scale)
             cur_min = np.where(better, this_min, cur_min)
+        levels = np.clip(nearest_int(best_is * (x - best_from)), 0, nmax)
     levels = np.where(flat, 0, levels)
     scale = np.where(flat, F32(0), scale)
     return scale, -cur_min, levels
@@ -175,15 +161,14 @@ def make_qp_quants(x: np.ndarray, nmax: int, qw: np.ndarray) -> tuple[np.ndarray
     """
     x = np.asarray(x, dtype=F32)
     w = np.asarray(qw, dtype=F32)
-    n = x.shape[0]
     mx = np.maximum.reduce(x, axis=0, initial=F32(0))
     live = ~(mx < GROUP_MAX_EPS)
     mx = np.where(live, mx, F32(1))
 
     def mse(iscale: np.ndarray, clamp: bool) -> np.ndarray:
         lv = nearest_int(iscale * x)
-        if clamp:
-            lv = np.minimum(lv, nmax)
+        # the first pass stores into C's uint8_t L before using it; the tries use an int
+        lv = np.minimum(lv, nmax) if clamp else lv & 0xFF
         d = x - (F32(1) / iscale) * lv.astype(F32)
         return seqsum(w * d * d)
 
@@ -202,36 +187,86 @@ def make_qp_quants(x: np.ndarray, nmax: int, qw: np.ndarray) -> tuple[np.ndarray
         wx = w * x
         lf = lv.astype(F32)
         sumlx, suml2 = seqsum(wx * lf), seqsum(w * lf * lf)
-        for _ in range(5):
-            changed = np.zeros(x.shape[1], dtype=bool)
-            for i in range(n):
-                wi, xi, wxi = w[i], x[i], wx[i]
-                li = lv[i].astype(F32)
-                slx = sumlx - wxi * li
-                sl2 = suml2 - wi * li * li
-                ok = (slx > 0) & (sl2 > 0)
-                new_l = np.minimum(nearest_int(xi * sl2 / np.where(ok, slx, F32(1))), nmax)
-                ok &= new_l != lv[i]
-                nl = new_l.astype(F32)
-                slx = slx + wxi * nl
-                sl2 = sl2 + wi * nl * nl
-                ok &= slx * slx * suml2 > sumlx * sumlx * sl2
-                lv[i] = np.where(ok, new_l, lv[i])
-                sumlx = np.where(ok, slx, sumlx)
-                suml2 = np.where(ok, sl2, suml2)
-                changed |= ok
-            if not changed.any():
-                break
+        lv = lv & 0xFF  # C keeps L as uint8_t: a negative level (negative x, IQ2) reads back mod 256
+    lv, sumlx, suml2 = _descent(x, w, wx, lv, sumlx, suml2, None, nmax, qp=True)
     scale = safe_div(sumlx, suml2, suml2 > 0)
     return np.where(live, scale, F32(0)), np.where(live, lv, 0)
 
 
+def _descent(x, w, wx, lv, sumlx, suml2, lo, hi, *, qp: bool):
+    """≤ 5 coordinate-descent passes over the positions (``make_q3_quants`` / ``make_qp_quants``).
+
+    Each position's level is re-solved given the others and kept if ``(Σwxl)²/Σwl²`` grows.
+    A group that changes nothing in a pass is converged (the next pass would see the same
+    state), so later passes only visit the groups that changed in the previous one.
+    """
+    n = x.shape[0]
+    act = np.arange(x.shape[1])
+    xs, ws, wxs, lvs = x, w, wx, lv
+    slx_all, sl2_all = np.array(sumlx, dtype=F32), np.array(suml2, dtype=F32)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        for it in range(5):
+            if it:
+                xs, ws, wxs, lvs = x[:, act], w[:, act], wx[:, act], lv[:, act]
+                slx_all, sl2_all = sumlx[act], suml2[act]
+            changed = np.zeros(len(act), dtype=bool)
+            for i in range(n):
+                wi, xi, wxi, lvi = ws[i], xs[i], wxs[i], lvs[i]
+                li = lvi.astype(F32)
+                slx = slx_all - wxi * li
+                sl2 = sl2_all - wi * li * li
+                ok = (slx > 0) & (sl2 > 0) if qp else slx > 0
+                new_l = nearest_int(xi * sl2 / np.where(ok, slx, F32(1)))
+                if lo is not None:
+                    np.maximum(new_l, lo, out=new_l)
+                np.minimum(new_l, hi, out=new_l)
+                # only the groups whose level would move are worth the rest: usually a few percent
+                c = np.nonzero(ok & (new_l != lvi))[0]
+                if not c.size:
+                    continue
+                nl, nlf = new_l[c], new_l[c].astype(F32)
+                slx_c = slx[c] + wxi[c] * nlf
+                sl2_c = sl2[c] + wi[c] * nlf * nlf
+                s_old, s2_old = slx_all[c], sl2_all[c]
+                better = slx_c * slx_c * s2_old > s_old * s_old * sl2_c
+                if not qp:
+                    better &= sl2_c > 0
+                acc = c[better]
+                lvi[acc] = nl[better] & 0xFF if qp else nl[better]
+                slx_all[acc] = slx_c[better]
+                sl2_all[acc] = sl2_c[better]
+                changed[acc] = True
+            if it:
+                lv[:, act], sumlx[act], suml2[act] = lvs, slx_all, sl2_all
+            else:
+                lv, sumlx, suml2 = lvs, slx_all, sl2_all
+            act = act[changed]
+            if not act.size:
+                break
+    return lv, sumlx, suml2
+
+
 def best_index_int8(values: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Index of the nearest entry of the sorted int8 table ``values`` (ties go up, as in C)."""
+    """Index of the nearest entry of the sorted int8 table ``values`` (ties go up, as in C).
+
+    C bisects for ``mu``, the first entry above ``x``; with integer entries that count is a
+    function of ``floor(x)``, so it comes from a 258-entry table instead of a binary search.
+    """
     vals = np.asarray(values, dtype=F32)
     x = np.asarray(x, dtype=F32)
-    mu = np.clip(np.searchsorted(vals, x, side="right"), 1, len(vals) - 1)
-    lo, hi = vals[mu - 1], vals[mu]
-    idx = np.where(x - lo < hi - x, mu - 1, mu)
-    idx = np.where(x <= vals[0], 0, idx)
-    return np.where(x >= vals[-1], len(vals) - 1, idx)
+    n = len(vals)
+    table = _rank_table(tuple(int(v) for v in values))
+    with np.errstate(invalid="ignore"):
+        f = np.floor(x) + F32(129)
+        f = np.clip(f.astype(np.int64), 0, 257)
+    mu = np.clip(table[f], 1, n - 1)
+    idx = mu - ((x - vals[mu - 1]) < (vals[mu] - x))
+    idx[x <= vals[0]] = 0
+    idx[x >= vals[-1]] = n - 1
+    return idx
+
+
+@functools.cache
+def _rank_table(values: tuple[int, ...]) -> np.ndarray:
+    """``table[v + 129]`` = number of entries ≤ v, for integers v in [-129, 128]."""
+    return np.searchsorted(np.asarray(values), np.arange(-129, 129), side="right")

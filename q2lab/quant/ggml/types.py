@@ -37,6 +37,7 @@ class GGMLType(ABC):
     # bytes per block of each stored component, in block order (sums to type_size)
     layout: ClassVar[tuple[tuple[str, int], ...]]
     requires_imatrix: ClassVar[bool] = False  # llama.cpp refuses to quantize without one
+    reference_path: ClassVar[bool] = True  # ggml has a no-imatrix quantizer (IQ2_XXS/XS have none)
     summary: ClassVar[str] = ""
 
     def __init_subclass__(cls, **kw) -> None:
@@ -73,7 +74,8 @@ class GGMLType(ABC):
         if not cls.can_hold(n):
             raise ShapeError(
                 f"{cls.name} stores rows in blocks of {cls.block_size} weights; "
-                f"a row of {n} weights does not fit (llama.cpp falls back to another type for such rows)"
+                f"a row of {n} weights does not fit (llama.cpp falls back to another type for such rows; "
+                "the method option fallback=true does the same)"
             )
 
     # ------------------------------------------------------------------ quantize
@@ -96,7 +98,7 @@ class GGMLType(ABC):
                 raise ShapeError(f"{cls.name}: importance of length {qw.shape[0]} for rows of {n} weights")
             if not np.all(np.isfinite(qw)):
                 raise ConfigError(f"{cls.name}: the importance matrix contains non-finite values")
-        elif cls.requires_imatrix:
+        elif not cls.reference_path:
             raise ConfigError(
                 f"{cls.name} needs an importance matrix (llama.cpp refuses it without one: "
                 "the result is garbage); calibrate, pass --imatrix, or force it"

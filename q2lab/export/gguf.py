@@ -1,0 +1,464 @@
+"""GGUF export: any llama-architecture model to a float (F32/F16) or llama.cpp-quantized GGUF.
+
+The file is what llama.cpp's own converter and quantizer would write: tensors named and ordered
+as ``llama_model_quantize`` writes them (non-block tensors, then block by block), Q/K rows in
+GGUF's rotary order, each tensor in the type llama.cpp's recipe for the file type picks
+(:mod:`q2lab.quant.ggml.recipes`), quantized by q2lab's bit-exact GGML types with the same
+importance matrix.  Metadata (architecture, hyper-parameters, tokenizer) is copied from the
+source GGUF when the model came from one, else built from the transformers config and tokenizer.
+
+Everything is written to a temporary file and renamed, so a failure leaves no partial file.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from q2lab.errors import ConfigError, CorruptFileError, ModelError
+from q2lab.quant.ggml.imatrix import Imatrix
+from q2lab.quant.ggml.recipes import FilePlan, plan_file
+from q2lab.utils.io import atomic_path
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_BLOCK_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+_TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+SUPPORTED_ARCHS = ("llama",)
+_SKIP_KEYS = ("GGUF.", "general.architecture", "general.file_type", "general.quantization_version")
+
+
+@dataclass
+class GGUFTensor:
+    """A float tensor of the model under its GGUF name (2-D as rows × cols, cols = ne0)."""
+
+    name: str
+    module: str  # the transformers linear it comes from ("" for embeddings and norms)
+    data: np.ndarray
+    blocks: np.ndarray | None = None  # GGUF bytes already held (a checkpoint of a GGML method)
+    blocks_type: str | None = None
+
+
+def _sort_key(name: str) -> tuple[int, str]:
+    m = re.match(r"^blk\.(\d+)\.", name)
+    return (int(m.group(1)) if m else -1, name)
+
+
+def gguf_tensors(model: torch.nn.Module) -> list[GGUFTensor]:
+    """The model's weights as GGUF tensors, in llama.cpp's order (Q/K rows permuted for rotary)."""
+    cfg = model.config
+    if cfg.model_type not in SUPPORTED_ARCHS:
+        raise ConfigError(
+            f"GGUF export supports {', '.join(SUPPORTED_ARCHS)} models; this one is {cfg.model_type!r}"
+        )
+    n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    out: dict[str, GGUFTensor] = {}
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    held = _ggml_blocks(model)
+    for key, data in _float_weights(model).items():
+        if key == "lm_head.weight":
+            if not tied:
+                out["output.weight"] = GGUFTensor("output.weight", "lm_head", data)
+            continue
+        if key in _TOP_NAMES:
+            out[_TOP_NAMES[key]] = GGUFTensor(_TOP_NAMES[key], "", data)
+            continue
+        m = _LAYER.match(key)
+        if not m or m.group(2) not in _BLOCK_NAMES:
+            if key.endswith(("rotary_emb.inv_freq",)):
+                continue
+            raise ConfigError(f"GGUF export: no GGUF name for tensor {key} of this {cfg.model_type} model")
+        layer, local = int(m.group(1)), m.group(2)
+        module = key.rsplit(".", 1)[0] if data.ndim == 2 else ""
+        blocks, btype = held.get(module, (None, None))
+        heads = (n_head, n_head) if "q_proj" in local else (n_head, n_kv) if "k_proj" in local else None
+        if heads:  # rows are quantized independently, so GGUF bytes permute like the rows
+            data = _permute(data, *heads)
+            blocks = None if blocks is None else _permute(blocks, *heads)
+        name = f"blk.{layer}.{_BLOCK_NAMES[local]}"
+        out[name] = GGUFTensor(name, module, data, blocks, btype)
+    return [out[k] for k in sorted(out, key=_sort_key)]
+
+
+def _float_weights(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """Every weight as float32 numpy; quantized linears (q2lab checkpoints) are dequantized."""
+    from q2lab.quant.linear import QuantLinear
+
+    out: dict[str, np.ndarray] = {}
+    quant = {name for name, mod in model.named_modules() if isinstance(mod, QuantLinear)}
+    for name in sorted(quant):
+        mod = model.get_submodule(name)
+        out[f"{name}.weight"] = mod.weight_dequantized(torch.float32).detach().cpu().numpy()
+    for key, value in model.state_dict().items():
+        if key.rsplit(".", 1)[0] in quant or not torch.is_floating_point(value):
+            continue
+        out[key] = value.detach().to(torch.float32).cpu().numpy()
+    return out
+
+
+def _ggml_blocks(model: torch.nn.Module) -> dict[str, tuple[np.ndarray, str]]:
+    """GGUF bytes of linears quantized by a q2lab GGML method: written unchanged if the type fits."""
+    from q2lab.quant.linear import QuantLinear
+
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLinear) and mod.meta.get("format") == "ggml":
+            out[name] = (mod.qtensor.tensors["blocks"].cpu().numpy(), str(mod.meta["ggml_type"]))
+    return out
+
+
+def _permute(w: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:
+    """HF → GGUF rotary layout of Q/K rows (convert_hf_to_gguf's ``permute``)."""
+    heads = n_head_kv if n_head != n_head_kv else n_head
+    return np.ascontiguousarray(
+        w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    )
+
+
+def source_gguf(loaded) -> Path | None:
+    """The GGUF file ``loaded`` was converted from, if any (its metadata and tokenizer are reused)."""
+    path = Path(loaded.info.path or "")
+    return path if path.suffix == ".gguf" and path.is_file() else None
+
+
+def plan_for(loaded, file_type: str, tensors: list[GGUFTensor], has_imatrix: bool) -> FilePlan:
+    cfg = loaded.model.config
+    return plan_file(
+        file_type,
+        [(t.name, tuple(t.data.shape)) for t in tensors],
+        n_head=cfg.num_attention_heads,
+        n_head_kv=cfg.num_key_value_heads,
+        n_layer=cfg.num_hidden_layers,
+        has_imatrix=has_imatrix,
+    )
+
+
+def imatrix_names(tensors: list[GGUFTensor]) -> dict[str, str]:
+    """GGUF tensor name → transformers module name, for the linears (imatrix lookup)."""
+    return {t.name: t.module for t in tensors if t.module}
+
+
+def export_gguf(
+    loaded,
+    out: str | Path,
+    file_type: str = "F32",
+    *,
+    imatrix: Imatrix | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Write ``loaded`` as a GGUF of ``file_type``; returns the per-tensor plan and bpw report."""
+    import gguf
+
+    tensors = gguf_tensors(loaded.model)
+    plan = plan_for(loaded, file_type, tensors, imatrix is not None and len(imatrix) > 0)
+    _check_imatrix(plan, imatrix)
+    src = source_gguf(loaded)
+    out = Path(out)
+    from q2lab.utils.progress import progress as bar
+
+    with atomic_path(out) as tmp:
+        w = gguf.GGUFWriter(str(tmp), "llama")
+        if src is not None:
+            _copy_metadata(src, w)
+        else:
+            _metadata_from_config(loaded, w)
+        w.add_file_type(_ftype_id(plan.file_type))
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        pairs = list(zip(tensors, plan.tensors))
+        for t, p in bar(pairs, desc=f"GGUF {plan.file_type}") if progress else pairs:
+            _add_tensor(w, t, p.type, imatrix.get(t.name) if imatrix is not None else None)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    report = plan.to_dict()
+    report["out"] = str(out)
+    report["imatrix"] = imatrix is not None
+    return report
+
+
+def _check_imatrix(plan: FilePlan, imatrix: Imatrix | None) -> None:
+    from q2lab.quant.ggml.types import ggml_type
+
+    for t in plan.tensors:
+        if t.type in ("F32", "F16") or not ggml_type(t.type).requires_imatrix:
+            continue
+        if t.name in ("token_embd.weight", "output.weight"):
+            continue
+        if imatrix is None or imatrix.get(t.name) is None:
+            raise ConfigError(
+                f"{plan.file_type} puts {t.name} in {t.type}, which needs an importance matrix "
+                "(llama.cpp refuses it: the result is garbage); pass --imatrix auto or an imatrix file"
+            )
+
+
+def _add_tensor(w, t: GGUFTensor, type_name: str, qw: np.ndarray | None) -> None:
+    import gguf
+
+    from q2lab.quant.ggml.types import ggml_type
+
+    data = t.data
+    if t.blocks is not None and t.blocks_type == type_name:
+        w.add_tensor(t.name, np.ascontiguousarray(t.blocks), raw_dtype=gguf.GGMLQuantizationType[type_name])
+        return
+    if type_name == "F32":
+        w.add_tensor(t.name, np.ascontiguousarray(data, dtype=np.float32))
+        return
+    if type_name == "F16":
+        w.add_tensor(t.name, np.ascontiguousarray(data, dtype=np.float16))
+        return
+    if qw is not None and qw.size != data.shape[-1]:
+        if t.name != "token_embd.weight":
+            raise ConfigError(
+                f"importance of {t.name} has {qw.size} values for rows of {data.shape[-1]} (wrong model?)"
+            )
+        qw = None
+    blocks = ggml_type(type_name).quantize_rows(data.reshape(-1, data.shape[-1]), qw)
+    w.add_tensor(t.name, blocks, raw_dtype=gguf.GGMLQuantizationType[type_name])
+
+
+def _ftype_id(file_type: str) -> int:
+    from q2lab.quant.ggml.llamacpp import FTYPES
+
+    return FTYPES[file_type]
+
+
+def _copy_metadata(src: Path, w) -> None:
+    """Every key of the source GGUF (hyper-parameters, tokenizer) except what the writer sets."""
+    stat = src.stat()
+    for key, value, vtype, sub in _source_fields(str(src), stat.st_size, stat.st_mtime_ns):
+        w.add_key_value(key, value, vtype, sub_type=sub)
+
+
+@functools.lru_cache(maxsize=4)
+def _source_fields(path: str, size: int, mtime_ns: int) -> tuple:
+    """The source GGUF's key/values, parsed once per file version (gguf-py parses vocabularies slowly)."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+        out = []
+        for key, fld in reader.fields.items():
+            if key.startswith(_SKIP_KEYS):
+                continue
+            vtype = fld.types[0]
+            sub = fld.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+            out.append((key, fld.contents(), vtype, sub))
+        return tuple(out)
+    except (ValueError, IndexError, KeyError, OSError) as e:
+        raise CorruptFileError(f"cannot read the metadata of the source GGUF {path}: {e}") from e
+
+
+def _metadata_from_config(loaded, w) -> None:
+    """Llama hyper-parameters and a BPE ("gpt2") tokenizer from transformers objects."""
+    cfg = loaded.model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    w.add_name(loaded.info.name)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    rope = getattr(cfg, "rope_theta", None) or (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta")
+    w.add_rope_freq_base(float(rope or 10000.0))
+    w.add_rope_dimension_count(head_dim)
+    w.add_vocab_size(cfg.vocab_size)
+    _tokenizer_metadata(loaded, w)
+
+
+def _tokenizer_metadata(loaded, w) -> None:
+    import json
+
+    tok = loaded.tokenizer
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        raise ModelError("GGUF export needs a fast (tokenizers) BPE tokenizer to write its vocabulary")
+    spec = json.loads(backend.to_str())
+    if spec.get("model", {}).get("type") != "BPE":
+        raise ModelError("GGUF export from a transformers model supports byte-level BPE tokenizers only")
+    vocab = tok.get_vocab()
+    n = loaded.model.config.vocab_size
+    tokens = [f"[PAD{i}]" for i in range(n)]
+    for text, i in vocab.items():
+        if i < n:
+            tokens[i] = text
+    special = set(getattr(tok, "all_special_ids", []))
+    types = [3 if i in special else (5 if t.startswith("[PAD") else 1) for i, t in enumerate(tokens)]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    if tok.bos_token_id is not None:
+        w.add_bos_token_id(tok.bos_token_id)
+    if tok.eos_token_id is not None:
+        w.add_eos_token_id(tok.eos_token_id)
+    w.add_add_bos_token(bool(loaded.info.add_bos))
+
+
+def dequantized_state(path: str | Path) -> dict[str, np.ndarray]:
+    """Float values of every tensor of a GGUF file we wrote, by GGUF name (for q2lab's own eval)."""
+    import gguf
+    import gguf.quants as gq
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+        return {t.name: np.asarray(gq.dequantize(t.data, t.tensor_type)) for t in reader.tensors}
+    except (ValueError, IndexError, KeyError, OSError) as e:
+        raise CorruptFileError(f"{path} is a corrupt or truncated GGUF file: {e}") from e
+
+
+def load_into(loaded, path: str | Path) -> None:
+    """Replace ``loaded``'s weights by the (dequantized) tensors of the GGUF at ``path``.
+
+    The inverse of :func:`gguf_tensors`: q2lab then evaluates exactly the model llama.cpp runs.
+    """
+    cfg = loaded.model.config
+    values = dequantized_state(path)
+    by_gguf = {t.name: t for t in gguf_tensors(loaded.model)}
+    state = loaded.model.state_dict()
+    inverse = {v: k for k, v in _TOP_NAMES.items()}
+    for name, arr in values.items():
+        if name == "output.weight":
+            key = "lm_head.weight"
+        elif name in inverse:
+            key = inverse[name]
+        else:
+            layer, local = name.split(".", 2)[1:]
+            key = f"model.layers.{layer}.{_inverse_block()[local]}"
+        arr = arr.reshape(by_gguf[name].data.shape)
+        if key.endswith("q_proj.weight"):
+            arr = _unpermute(arr, cfg.num_attention_heads, cfg.num_attention_heads)
+        elif key.endswith("k_proj.weight"):
+            arr = _unpermute(arr, cfg.num_attention_heads, cfg.num_key_value_heads)
+        with torch.no_grad():
+            state[key].copy_(torch.from_numpy(np.array(arr)).to(state[key].dtype))
+
+
+def _inverse_block() -> dict[str, str]:
+    return {v: k for k, v in _BLOCK_NAMES.items()}
+
+
+def _unpermute(w: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:
+    heads = n_head_kv if n_head != n_head_kv else n_head
+    return np.ascontiguousarray(
+        w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    )
+
+
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value types
+
+
+@dataclass
+class TensorEntry:
+    """Where a tensor's bytes are in a GGUF file."""
+
+    name: str
+    type: str
+    shape: tuple[int, ...]  # ne order (ne0 = row length first)
+    offset: int  # absolute file offset
+    nbytes: int
+
+
+def tensor_index(path: str | Path) -> dict[str, TensorEntry]:
+    """Tensor names, types, shapes and byte ranges of a GGUF, without parsing the vocabulary.
+
+    gguf-py's reader materialises every token and merge (seconds for a 49k vocabulary); this
+    walks the header once, skipping values, so comparing two files' tensors is cheap.
+    """
+    import struct
+
+    import gguf
+
+    data = Path(path).read_bytes()
+    pos = 0
+
+    def take(fmt: str):
+        nonlocal pos
+        out = struct.unpack_from(fmt, data, pos)
+        pos += struct.calcsize(fmt)
+        return out
+
+    def skip_value(vtype: int) -> None:
+        nonlocal pos
+        if vtype == 8:  # string
+            (n,) = take("<Q")
+            pos += n
+        elif vtype == 9:  # array
+            sub, n = take("<IQ")
+            if sub in _SCALAR_SIZES:
+                pos += _SCALAR_SIZES[sub] * n
+            else:
+                for _ in range(n):
+                    skip_value(sub)
+        else:
+            pos += _SCALAR_SIZES[vtype]
+
+    try:
+        magic, _version, n_tensors, n_kv = take("<4sIQQ")
+        if magic != b"GGUF":
+            raise CorruptFileError(f"{path} is not a GGUF file")
+        alignment = 32
+        for _ in range(n_kv):
+            (klen,) = take("<Q")
+            key = data[pos : pos + klen].decode()
+            pos += klen
+            (vtype,) = take("<I")
+            if key == "general.alignment":
+                (alignment,) = take("<I")
+            else:
+                skip_value(vtype)
+        infos = []
+        for _ in range(n_tensors):
+            (nlen,) = take("<Q")
+            name = data[pos : pos + nlen].decode()
+            pos += nlen
+            (nd,) = take("<I")
+            shape = take(f"<{nd}Q")
+            ttype, offset = take("<IQ")
+            infos.append((name, shape, ttype, offset))
+        start = pos + (-pos) % alignment
+        out = {}
+        for name, shape, ttype, offset in infos:
+            qt = gguf.GGMLQuantizationType(ttype)
+            bs, ts = gguf.GGML_QUANT_SIZES[qt]
+            n = 1
+            for s in shape:
+                n *= s
+            out[name] = TensorEntry(name, qt.name, tuple(shape), start + offset, n // bs * ts)
+        if out and max(e.offset + e.nbytes for e in out.values()) > len(data):
+            raise CorruptFileError(f"{path} is truncated: its tensors end past the end of the file")
+        return out
+    except (struct.error, UnicodeDecodeError, KeyError, ValueError) as e:
+        raise CorruptFileError(f"{path} is a corrupt or truncated GGUF file: {e}") from e
+
+
+def differing_tensors(a: str | Path, b: str | Path) -> list[str]:
+    """Tensors whose type, shape or bytes differ between two GGUF files (missing ones included)."""
+    ia, ib = tensor_index(a), tensor_index(b)
+    da, db = Path(a).read_bytes(), Path(b).read_bytes()
+    out = sorted(set(ia) ^ set(ib))
+    for name in sorted(set(ia) & set(ib)):
+        x, y = ia[name], ib[name]
+        same = (x.type, x.shape, x.nbytes) == (y.type, y.shape, y.nbytes)
+        if not same or da[x.offset : x.offset + x.nbytes] != db[y.offset : y.offset + y.nbytes]:
+            out.append(f"{name}: {x.type} vs {y.type}")
+    return out
