@@ -101,7 +101,7 @@ def cmd_study(args) -> int:
     results = api.run_study(args.config, args.out, use_ray=args.ray)
     print(
         f"results: {results}\nreport:  {Path(args.out) / 'report.md'}\n"
-        f"plot:    {Path(args.out) / 'pareto.png'}"
+        f"html:    {Path(args.out) / 'report.html'}\nplot:    {Path(args.out) / 'pareto.png'}"
     )
     return 0
 
@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=cmd_study)
 
-    s = sub.add_parser("report", help="write report.md and pareto.png from a results.jsonl")
+    s = sub.add_parser("report", help="write report.md, report.html and pareto.png from a results.jsonl")
     s.add_argument("results")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_report)

@@ -37,6 +37,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import warnings
 import zlib
 from collections.abc import Callable, Sequence
@@ -75,6 +76,47 @@ DEFAULT_PROMPTS: tuple[str, ...] = (
 )
 
 
+#: Polish continuation prompts, the same kinds as :data:`DEFAULT_PROMPTS` (dialogue, summary,
+#: letter, explanation, stories), for plain continuation.  Small English-centred models may
+#: loop or drift into English on them even in float; the calibration then warns that those
+#: prompts cannot discriminate (SmolLM2-135M does: see docs/DESIGN.md).
+PL_PROMPTS: tuple[str, ...] = (
+    "Anna: Czy skończyłeś już raport na jutrzejsze spotkanie?\nPiotr:",
+    "Dziennikarz: Co sprawiło, że zainteresowała się pani astronomią?\nNaukowczyni:",
+    "Artykuł: Rada miasta zagłosowała we wtorek za budową nowej biblioteki publicznej w centrum. "
+    "Inwestycja będzie kosztować dwanaście milionów złotych i ma zostać otwarta za dwa lata."
+    "\n\nPodsumowanie:",
+    "Napisz list do przyjaciela o swoich wakacjach.\n\nDrogi Tomku,",
+    "Fotosynteza to proces, w którym rośliny",
+    "Pociąg już ruszał, kiedy Klara wskoczyła do wagonu, ściskając małe drewniane pudełko.",
+    "W kuchni mojej babci zawsze pachniało chlebem i cynamonem. W każdą niedzielę",
+    "Wisła jest najdłuższą rzeką w Polsce. Płynie",
+)
+
+#: Instructions for chat models (use with ``chat: true``): dialogue, summarization and
+#: long-form writing, each in English and in Polish.
+CHAT_PROMPTS: tuple[str, ...] = (
+    "Write a short dialogue between a customer and a baker.",
+    "Napisz krótki dialog między klientem a piekarzem.",
+    "Summarize in two sentences: The city council voted on Tuesday to build a new public library "
+    "downtown. The project will cost twelve million dollars and is expected to open in two years.",
+    "Streść w dwóch zdaniach: Rada miasta zagłosowała we wtorek za budową nowej biblioteki publicznej "
+    "w centrum. Inwestycja będzie kosztować dwanaście milionów złotych i ma zostać otwarta za dwa lata.",
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Napisz krótkie opowiadanie o latarniku, który znajduje list w butelce.",
+    "Explain to a child how rain forms.",
+    "Wyjaśnij dziecku, jak powstaje deszcz.",
+)
+
+#: Built-in prompt sets by name (``gen:NAME``).
+PROMPT_SETS: dict[str, tuple[str, ...]] = {
+    "default": DEFAULT_PROMPTS,
+    "pl": PL_PROMPTS,
+    "en_pl": DEFAULT_PROMPTS + PL_PROMPTS,
+    "chat": CHAT_PROMPTS,
+}
+
+
 @dataclass(frozen=True)
 class PromptSet:
     """Prompts with the name and content hash that go into result records."""
@@ -96,15 +138,19 @@ def prompts_sha256(prompts: Sequence[str]) -> str:
 
 
 def load_prompts(name_or_path: str = "default") -> PromptSet:
-    """``"default"`` or a local file: ``.txt`` (one prompt per line; ``\\n`` escapes a newline
-    inside a prompt) or ``.jsonl`` (one ``{"prompt": ...}`` object per line).  Blank lines are
-    skipped; a file without any prompt is an error rather than an empty, silently passing check.
+    """A built-in set (:data:`PROMPT_SETS`) or a local file: ``.txt`` (one prompt per line;
+    ``\\n`` escapes a newline inside a prompt) or ``.jsonl`` (one ``{"prompt": ...}`` object
+    per line).  Blank lines are skipped; a file without any prompt is an error rather than an
+    empty, silently passing check.
     """
-    if name_or_path == "default":
-        return PromptSet.from_prompts("default", DEFAULT_PROMPTS)
+    if name_or_path in PROMPT_SETS:
+        return PromptSet.from_prompts(name_or_path, PROMPT_SETS[name_or_path])
     path = Path(name_or_path).expanduser()
     if not path.is_file():
-        raise DataError(f"prompt set {name_or_path!r} is neither 'default' nor an existing .txt/.jsonl file")
+        raise DataError(
+            f"prompt set {name_or_path!r} is neither one of {', '.join(PROMPT_SETS)} "
+            "nor an existing .txt/.jsonl file"
+        )
     suffix = path.suffix.lower()
     if suffix not in {".txt", ".jsonl"}:
         raise DataError(
@@ -173,11 +219,26 @@ def eos_ids(loaded) -> list[int]:
 def encode_prompt(loaded, prompt: str) -> list[int]:
     """Prompt token ids, BOS first when the model's tokenizer adds it (as in training)."""
     ids = list(loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    if loaded.info.add_bos:
-        ids.insert(0, int(loaded.info.bos_token_id))
+    bos = loaded.info.bos_token_id
+    if loaded.info.add_bos and (not ids or ids[0] != bos):  # a chat template may already start with BOS
+        ids.insert(0, int(bos))
     if not ids:
         raise DataError("cannot generate from an empty prompt for a model that adds no BOS token")
     return ids
+
+
+def chat_prompt(loaded, prompt: str, chat: bool | None = None) -> str:
+    """The text the model continues: the chat template's rendering of one user turn when the
+    tokenizer has a template (``chat=None``: automatic) or ``chat=True``, else the bare prompt."""
+    template = getattr(loaded.tokenizer, "chat_template", None)
+    if chat is None:
+        chat = bool(template)
+    if not chat:
+        return prompt
+    if not template:
+        raise ConfigError(f"{loaded.info.name} has no chat template; set chat: false for plain continuation")
+    messages = [{"role": "user", "content": prompt}]
+    return loaded.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 @torch.no_grad()
@@ -256,7 +317,8 @@ def _generate_batch(
     seq = ids
     done = torch.zeros(len(encoded), dtype=torch.bool, device=device)
     new: list[torch.Tensor] = []
-    for step in range(max_new_tokens):
+    # per-token bar: a batch of long answers takes minutes, and the ETA should say so
+    for step in progress(range(max_new_tokens), f"decode {len(encoded)} rows", max_new_tokens, unit="tok"):
         logits = out.logits[:, -1].float()
         if logits_processor is not None:
             logits = logits_processor(seq, logits)
@@ -388,6 +450,80 @@ def ngram_entropy(token_ids: Sequence[int] | np.ndarray) -> float:
     return float(-(p * np.log2(p)).sum())
 
 
+#: Very frequent function words of the languages the drift check knows.  Function words make
+#: up a third to a half of running text in every one of them and rarely coincide across them,
+#: so counting them identifies the language of a few dozen words without a model or a download.
+STOPWORDS: dict[str, frozenset[str]] = {
+    lang: frozenset(words.split())
+    for lang, words in {
+        # words shared by English and Polish ("a", "i", "to", "do", "go") are left out of both
+        "en": "the and of in is that it was for on are with as his they be at this have from or had by not "
+        "but what all were we when your can said there an which she their if will would my so about "
+        "out them then he you how who into its our been has more between",
+        "pl": "w nie na się z że jest jak o co ale po tak za od jego już tylko przez dla było może są być "
+        "jej ich czy gdy który która które mnie mu ten ta też jeszcze bardzo tego tym kiedy był była "
+        "oraz lub przy we ze pan pani sobie swoje swoich",
+        "de": "der die und den von zu das mit sich des auf für ist im dem nicht ein eine als auch es an "
+        "werden aus er hat dass sie nach wird bei einer um am sind noch wie einem über",
+        "fr": "le la les de des et un une du est en que qui dans pour pas sur au avec ce il elle sont par "
+        "plus ne se son sa mais nous vous ou leur aux",
+        "es": "el la los las de del y en que un una es por con para se su al lo como más pero sus le ya "
+        "fue este ha sí porque esta entre cuando muy sin sobre",
+    }.items()
+}
+#: Letters that only one of those languages uses: a word holding one is evidence for it too.
+MARK_LETTERS: dict[str, str] = {"pl": "ąćęłńśźż", "de": "äöüß", "fr": "àâçèêëîïôùûœ", "es": "ñ¿¡"}
+#: Fewer function-word hits than this in a continuation: too little text to tell its language.
+MIN_LANGUAGE_HITS = 5
+_WORD = re.compile(r"[^\W\d_]+", re.UNICODE)
+
+
+def language_counts(text: str) -> dict[str, int]:
+    """Words that are evidence for each language of :data:`STOPWORDS` (a function word of it, or
+    a word with one of its :data:`MARK_LETTERS`), plus ``"non-latin"``: words written
+    in another script (Cyrillic, CJK, ...), which no Latin-script target language uses."""
+    words = [w.lower() for w in _WORD.findall(text)]
+    marks = {lang: set(letters) for lang, letters in MARK_LETTERS.items()}
+    counts = {
+        lang: sum(w in sw or not marks.get(lang, set()).isdisjoint(w) for w in words)
+        for lang, sw in STOPWORDS.items()
+    }
+    counts["non-latin"] = sum(not _is_latin(w) for w in words)
+    return counts
+
+
+def _is_latin(word: str) -> bool:
+    return all(ord(c) < 0x250 or 0x1E00 <= ord(c) <= 0x1EFF for c in word)
+
+
+def detect_language(text: str) -> str | None:
+    """The language with most evidence (:func:`language_counts`); None without evidence or on a
+    tie (prompts are short, so one piece of evidence is enough when nothing contradicts it)."""
+    counts = language_counts(text)
+    counts.pop("non-latin")
+    ranked = sorted(counts.values(), reverse=True)
+    if ranked[0] == 0 or ranked[0] == ranked[1]:
+        return None
+    return max(counts, key=lambda k: counts[k])
+
+
+def language_drift(prompt: str, text: str, target: str | None = None) -> float:
+    """Share of the continuation's language evidence that is *not* the target language.
+
+    ``target`` defaults to the prompt's language (:func:`detect_language`).  The evidence is the
+    function-word hits of every known language plus the words in a non-Latin script; drift is
+    ``1 − hits(target) / all evidence``: 0 for a continuation in the prompt's language, near 1
+    for one that switched (a Polish prompt answered in English).  0 when the target is unknown
+    or the continuation has fewer than :data:`MIN_LANGUAGE_HITS` pieces of evidence.
+    """
+    lang = target or detect_language(prompt)
+    if lang is None:
+        return 0.0
+    counts = language_counts(text)
+    total = sum(counts.values())
+    return 1.0 - counts.get(lang, 0) / total if total >= MIN_LANGUAGE_HITS else 0.0
+
+
 def early_eos(n_new: int, hit_eos: bool, min_new_tokens: int) -> bool:
     """True when the model ended (EOS) before writing ``min_new_tokens`` tokens.
 
@@ -409,6 +545,7 @@ class GenMetrics:
     n_new: int
     hit_eos: bool
     ref_nll: float | None = None  # nats/token under the reference, if it was scored
+    drift: float = 0.0  # language drift away from the prompt's language (see language_drift)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self) | {"entropy_ratio": self.entropy_ratio}
@@ -436,6 +573,7 @@ def sample_metrics(sample: GenSample, ref_nll: float | None = None) -> GenMetric
         n_new=sample.n_new,
         hit_eos=sample.hit_eos,
         ref_nll=None if ref_nll is None or math.isnan(ref_nll) else float(ref_nll),
+        drift=language_drift(sample.prompt, sample.text),
     )
 
 
@@ -463,25 +601,102 @@ def reference_nll(reference, samples: Sequence[GenSample], batch_size: int = 8) 
 
 
 def _chunk_nll(reference, chunk: Sequence[GenSample]) -> list[float]:
-    """Left-padded batch: every continuation ends in the last column, so the last ``k + 1``
-    logits cover the longest continuation's ``k`` predictions."""
-    device = next(reference.model.parameters()).device
-    full = [encode_prompt(reference, smp.prompt) + list(smp.token_ids) for smp in chunk]
     k = max(smp.n_new for smp in chunk)
     if k == 0:
         return [math.nan] * len(chunk)
+    logp, ids = _continuation_logprobs(reference, chunk, k)
+    nll = -logp.gather(-1, ids[:, -k:, None]).squeeze(-1)
+    return [float(nll[i, k - smp.n_new :].mean()) if smp.n_new else math.nan for i, smp in enumerate(chunk)]
+
+
+def _continuation_logprobs(loaded, chunk: Sequence[GenSample], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log-probs (B, k, V), ids)`` of the predictions of the last ``k`` tokens of each
+    prompt + continuation.  Left-padded, so every continuation ends in the last column and the
+    last ``k + 1`` logits cover the longest continuation's ``k`` predictions."""
+    device = next(loaded.model.parameters()).device
+    full = [encode_prompt(loaded, smp.prompt) + list(smp.token_ids) for smp in chunk]
     ids, mask = _left_pad(full, 0)
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
-    logits = reference.model(
+    logits = loaded.model(
         input_ids=ids.to(device),
         attention_mask=mask.to(device),
         position_ids=pos.to(device),
         use_cache=False,
         logits_to_keep=k + 1,
     ).logits
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).cpu()  # predicts the last k tokens
-    nll = -logp.gather(-1, ids[:, -k:, None]).squeeze(-1)
-    return [float(nll[i, k - smp.n_new :].mean()) if smp.n_new else math.nan for i, smp in enumerate(chunk)]
+    return torch.log_softmax(logits[:, :-1].float(), dim=-1).cpu(), ids
+
+
+@torch.no_grad()
+def continuation_kld(reference, candidate, samples: Sequence[GenSample], batch_size: int = 8) -> list[float]:
+    """Mean KL(reference ‖ candidate) per token along each continuation, both models reading
+    the same prompt + continuation (teacher forcing); NaN for an empty continuation.
+
+    Along the *reference's* own generations this is the log-likelihood view of generation
+    quality (how far the candidate's next-token distributions move on text the float model
+    writes); along the *candidate's* generations it measures the two models on the text
+    free-running decoding produced.  The second is not simply larger for a broken model: once
+    a candidate is inside a loop, the float model also expects the loop to go on, so they agree
+    more there (SmolLM2-135M, GPTQ 2-bit g128, default prompts: tf_kld 4.3, fr_kld 1.5 nats,
+    every sample collapsed).  Read them with ``agree_tokens`` and the collapse verdict.
+    """
+    from q2lab.eval.likelihood import kl_per_token
+
+    out: list[float] = []
+    for s in range(0, len(samples), batch_size):
+        chunk = samples[s : s + batch_size]
+        k = max(smp.n_new for smp in chunk)
+        if k == 0:
+            out.extend([math.nan] * len(chunk))
+            continue
+        ref_lp, _ = _continuation_logprobs(reference, chunk, k)
+        cand_lp, _ = _continuation_logprobs(candidate, chunk, k)
+        kl = kl_per_token(ref_lp, cand_lp)
+        out.extend(
+            float(kl[i, k - smp.n_new :].mean()) if smp.n_new else math.nan for i, smp in enumerate(chunk)
+        )
+    return out
+
+
+def agreeing_prefix(ref: GenSample, cand: GenSample) -> int:
+    """How many leading tokens the candidate's continuation shares with the reference's: where
+    free-running decoding first departs from the float model (greedy decoding only)."""
+    a, b = _ids(ref.token_ids), _ids(cand.token_ids)
+    n = min(a.size, b.size)
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if diff.size else n
+
+
+def divergence_records(
+    task_label: str,
+    ref_samples: Sequence[GenSample],
+    cand_samples: Sequence[GenSample],
+    tf_kld: Sequence[float],
+    fr_kld: Sequence[float],
+    greedy: bool = True,
+) -> list[Record]:
+    """``tf_kld`` (teacher-forced KLD along the reference's generations), ``fr_kld`` (along the
+    candidate's free-running generations) and, for greedy decoding, ``agree_tokens`` (tokens
+    before the candidate's first departure from the reference), each with a CI over prompts."""
+    ids = ids_sha256([s.prompt for s in cand_samples])
+    details = {
+        "max_new_tokens": max(s.max_new_tokens for s in cand_samples),
+        "decoding": "greedy" if greedy else "sampled",
+    }
+    out = []
+    for name, values in (("tf_kld", tf_kld), ("fr_kld", fr_kld)):
+        vals = [v for v in values if not math.isnan(v)]
+        if vals:
+            rec = _mean_record(task_label, name, vals, False, details)
+            if len(vals) == len(values):
+                rec.details[UNITS_KEY] = UnitScores(vals, ids_sha256=ids).to_json()
+            out.append(rec)
+    if greedy:
+        agree = [float(agreeing_prefix(r, c)) for r, c in zip(ref_samples, cand_samples)]
+        rec = _mean_record(task_label, "agree_tokens", agree, True, details)
+        rec.details[UNITS_KEY] = UnitScores(agree, ids_sha256=ids).to_json()
+        out.append(rec)
+    return out
 
 
 # --------------------------------------------------------------------------- verdict
@@ -522,6 +737,7 @@ THRESHOLD_BOUNDS: dict[str, _Bound] = {
     "max_entropy_ratio": _Bound("max", 0.06, sensitive=0.95, blind=0.99),
     "min_new_tokens": _Bound("min", 8, sensitive=8, blind=1),  # tokens before EOS
     "max_ref_nll": _Bound("max", 3.0, sensitive=5.0, blind=8.0),  # nats per token
+    "max_drift": _Bound("max", 0.25, sensitive=0.4, blind=0.7),  # share of other-language evidence
 }
 
 
@@ -543,6 +759,7 @@ class CollapseThresholds:
     max_entropy_ratio: float = 0.97
     min_new_tokens: int = 4
     max_ref_nll: float = 6.0
+    max_drift: float = 0.5
     source: str = "defaults"
     max_new_tokens: int | None = None  # generation length the thresholds were calibrated for
 
@@ -610,6 +827,7 @@ def _worst_values(metrics: list[GenMetrics]) -> dict[str, float | None]:
         # a reference that never stops early counts as stopping at its full length
         "min_new_tokens": min((m.n_new for m in metrics if m.hit_eos), default=min(m.n_new for m in metrics)),
         "max_ref_nll": max(nll) if nll else None,
+        "max_drift": max(m.drift for m in metrics),
     }
 
 
@@ -627,7 +845,7 @@ def _warn_if_reference_collapses(metrics: list[GenMetrics], thresholds: Collapse
 
 def is_collapsed(metrics: GenMetrics, thresholds: CollapseThresholds) -> tuple[bool, list[str]]:
     """``(collapsed, reasons)``: collapsed when any criterion fires; each reason starts with
-    its family — ``loop``, ``repetition``, ``gibberish`` or ``early EOS`` — then the value
+    its family — ``loop``, ``repetition``, ``gibberish``, ``language drift`` or ``early EOS`` — then the value
     and the threshold it broke."""
     m, t = metrics, thresholds
     reasons: list[str] = []
@@ -651,6 +869,11 @@ def is_collapsed(metrics: GenMetrics, thresholds: CollapseThresholds) -> tuple[b
         )
     if m.ref_nll is not None and m.ref_nll > t.max_ref_nll:
         reasons.append(f"gibberish: reference NLL {m.ref_nll:.1f} nats/token (> {t.max_ref_nll:.1f})")
+    if m.drift > t.max_drift:
+        reasons.append(
+            f"language drift: {m.drift:.0%} of the language evidence is not the prompt's "
+            f"(> {t.max_drift:.0%})"
+        )
     if early_eos(m.n_new, m.hit_eos, t.min_new_tokens):
         reasons.append(f"early EOS: stopped after {m.n_new} tokens (< {t.min_new_tokens})")
     return bool(reasons), reasons

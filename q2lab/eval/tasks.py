@@ -7,7 +7,12 @@ Task strings (CLI ``--task``, study YAML ``tasks:``) are ``KIND:DATA``:
 ``kld:wikitext2``          KL(reference ‖ candidate), median, p99, top-1 agreement
 ``mc:hellaswag``           multiple choice (name or generic .jsonl path): acc, acc_norm
 ``gen:collapse``           greedy generation on the default prompts (``gen:default`` is the
-                           same; or a .txt/.jsonl prompt file): collapse rate, repetition
+                           same; ``gen:pl``, ``gen:en_pl``, ``gen:chat`` or a .txt/.jsonl
+                           prompt file): collapse rate, repetition, language drift, and
+                           with a reference tf_kld / fr_kld / agree_tokens; options
+                           ``chat``, ``temperature`` (seeded sampling), ``seed``
+``ifeval:ifeval``          IFEval (staged prompts or a path): prompt/instruction-level strict
+                           and loose accuracy; chat template for instruct models
 ``harness:hellaswag``      the same MC items scored by lm-eval itself through
                            :mod:`q2lab.eval.harness` (needs ``q2lab[eval]``): acc, acc_norm
 =========================  ==========================================================
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +40,7 @@ from q2lab.eval.records import Record
 from q2lab.models.loader import LoadedModel
 from q2lab.utils.io import sha256_json
 
-KINDS = ("ppl", "kld", "mc", "gen", "harness")
+KINDS = ("ppl", "kld", "mc", "gen", "harness", "ifeval")
 GEN_ALIASES = {"collapse": "default"}
 
 
@@ -47,14 +53,26 @@ class TaskSpec:
     limit: int | None = None  # mc: first N items; gen: first N prompts
     max_new_tokens: int = 64
     batch_size: int | None = None
+    chat: bool | None = None  # apply the chat template; None: ifeval when the tokenizer has one, gen never
+    temperature: float | None = None  # gen: sample at this temperature (None: greedy)
+    seed: int = 0  # gen: sampling seed (per prompt streams, see generation.generate)
 
     @property
     def label(self) -> str:
         return f"{self.kind}:{self.data}"
 
     def key(self) -> str:
-        """Hash of everything that changes the task's numbers (for resumable studies)."""
-        return sha256_json(dataclasses.asdict(self))[:12]
+        """Hash of everything that changes the task's numbers (for resumable studies).  Fields
+        added after the first release count only when set, so older results keep their keys."""
+        d = dataclasses.asdict(self)
+        for name, default in _LATER_FIELDS.items():
+            if d.get(name) == default:
+                d.pop(name)
+        return sha256_json(d)[:12]
+
+
+#: Fields added to TaskSpec later, with the default that leaves a task's key unchanged.
+_LATER_FIELDS: dict[str, Any] = {"chat": None, "temperature": None, "seed": 0}
 
 
 _OPTION_KEYS = {f.name for f in dataclasses.fields(TaskSpec)} - {"kind", "data"}
@@ -81,6 +99,18 @@ def parse_task(spec: str | dict[str, Any], **defaults: Any) -> TaskSpec:
         raise ConfigError(f"task {name!r} must look like KIND:DATA with KIND one of {', '.join(KINDS)}")
     if kind not in ("ppl", "kld"):
         opts.pop("windows", None)
+    if kind == "ifeval" and "max_new_tokens" not in opts:
+        from q2lab.eval.ifeval import DEFAULT_MAX_NEW_TOKENS
+
+        opts["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
+    t = opts.get("temperature")
+    if t is not None and (isinstance(t, bool) or not isinstance(t, int | float) or not t > 0):
+        raise ConfigError(f"task {name}: temperature must be a number > 0 (or null for greedy), got {t!r}")
+    seed = opts.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"task {name}: seed must be an integer ≥ 0, got {seed!r}")
+    if opts.get("chat") is not None and not isinstance(opts["chat"], bool):
+        raise ConfigError(f"task {name}: chat must be true, false or null, got {opts['chat']!r}")
     for key in ("windows", "ctx", "limit", "max_new_tokens", "batch_size"):
         v = opts.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -100,6 +130,11 @@ def check_data(task: TaskSpec) -> None:
             from q2lab.eval.harness import _require
 
             _require()
+    elif task.kind == "ifeval":
+        from q2lab.eval.ifeval import _registry, load_ifeval
+
+        load_ifeval(task.data, limit=task.limit)
+        _registry()
     else:
         from q2lab.eval.generation import load_prompts
 
@@ -113,14 +148,24 @@ class Evaluator:
     reference: LoadedModel | None
     workdir: Path | None = None  # where reference log-probs are cached (None: in lockstep)
     timings: dict[str, float] = field(default_factory=dict)
+    candidate_key: str | None = None  # names the candidate in resume files (a study sets the cell id)
     _ref_caches: dict[str, ReferenceCache] = field(default_factory=dict)
     _thresholds: dict[str, Any] = field(default_factory=dict)
+    _ref_samples: dict[str, Any] = field(default_factory=dict)  # reference generations per gen task
 
-    def run(self, candidate: LoadedModel, tasks: list[TaskSpec]) -> list[Record]:
-        """All records for ``candidate``; ``kld`` needs a reference, as does calibrating ``gen``."""
+    def run(
+        self,
+        candidate: LoadedModel,
+        tasks: list[TaskSpec],
+        on_records: Callable[[list[Record]], None] | None = None,
+    ) -> list[Record]:
+        """All records for ``candidate``; ``kld`` needs a reference, as does calibrating ``gen``.
+        ``on_records`` receives each task's records as soon as it finishes (a study appends
+        them to its results, so an interrupted cell resumes at the first unfinished task)."""
         records: list[Record] = []
         is_reference = self.reference is not None and candidate is self.reference
         done: set[TaskSpec] = set()
+        reported: set[str] = set()
         for task in tasks:
             if task in done:
                 continue
@@ -138,10 +183,15 @@ class Evaluator:
                 records += self._mc(candidate, task)
             elif task.kind == "harness":
                 records += self._harness(candidate, task)
+            elif task.kind == "ifeval":
+                records += self._ifeval(candidate, task)
             else:
                 records += self._gen(candidate, task, is_reference)
             done.add(task)
             self.timings[task.label] = round(time.time() - t0, 2)
+            if on_records is not None:
+                on_records([r for r in records if r.task in {t.label for t in done} - reported])
+                reported = {t.label for t in done}
         return records
 
     # ----------------------------------------------------------------- ppl / kld
@@ -222,32 +272,99 @@ class Evaluator:
             r.details["scorer"] = "lm-eval HFLM (simple_evaluate)"
         return records
 
+    def _ifeval(self, candidate: LoadedModel, task: TaskSpec) -> list[Record]:
+        """IFEval answers are the longest generation q2lab runs: with a workdir, finished
+        answers go to a resume file per candidate and task, so an interrupted run continues."""
+        from q2lab.eval.ifeval import ifeval_records, load_ifeval, run_ifeval
+
+        data = load_ifeval(task.data, limit=task.limit)
+        resume = self._resume_file(candidate, task, "ifeval")
+        run = run_ifeval(
+            candidate,
+            data,
+            max_new_tokens=task.max_new_tokens,
+            chat=task.chat,
+            batch_size=task.batch_size or 8,
+            resume=resume,
+        )
+        return ifeval_records(task.label, data, run)
+
+    def _resume_file(self, candidate: LoadedModel, task: TaskSpec, what: str) -> Path | None:
+        """Where a long task keeps its partial results, keyed by candidate and task settings."""
+        if self.workdir is None:
+            return None
+        who = self.candidate_key or candidate.info.fingerprint
+        return Path(self.workdir) / "partial" / f"{what}-{sha256_json([who, task.key()])[:16]}.jsonl"
+
     # ----------------------------------------------------------------- generation
     def _gen(self, candidate: LoadedModel, task: TaskSpec, is_reference: bool) -> list[Record]:
-        """Greedy generations, judged against thresholds calibrated on the reference's own
-        generations; the reference also scores the candidate's text (NLL), which catches
-        fluent-looking word salad that repetition metrics miss."""
-        from q2lab.eval.generation import PromptSet, collapse_records, generate, load_prompts, reference_nll
+        """Generations (greedy, or seeded sampling with ``temperature``), judged against
+        thresholds calibrated on the reference's own generations; the reference also scores
+        the candidate's text (NLL), which catches fluent-looking word salad that repetition
+        metrics miss, and both models are compared teacher-forced along each other's text."""
+        from q2lab.eval.generation import (
+            collapse_records,
+            continuation_kld,
+            divergence_records,
+            reference_nll,
+        )
 
-        prompts = load_prompts(GEN_ALIASES.get(task.data, task.data))
-        if task.limit:
-            prompts = PromptSet.from_prompts(prompts.name, prompts.prompts[: task.limit])
-        samples = generate(candidate, prompts, max_new_tokens=task.max_new_tokens)
+        prompts = self._gen_prompts(candidate, task)
+        samples = self._generate(candidate, prompts, task)
         thresholds = self._gen_thresholds(task, prompts, samples if is_reference else None)
         ref_nll = reference_nll(self.reference, samples) if self.reference is not None else None
-        return collapse_records(task.label, samples, thresholds, ref_nll=ref_nll, prompt_set=prompts)
+        records = collapse_records(task.label, samples, thresholds, ref_nll=ref_nll, prompt_set=prompts)
+        if self.reference is not None and not is_reference:
+            ref_samples = self._ref_samples[self._gen_key(task, prompts)]
+            tf = continuation_kld(self.reference, candidate, ref_samples)
+            fr = continuation_kld(self.reference, candidate, samples)
+            records += divergence_records(
+                task.label, ref_samples, samples, tf, fr, greedy=task.temperature is None
+            )
+        return records
+
+    @staticmethod
+    def _gen_prompts(candidate: LoadedModel, task: TaskSpec):
+        """The prompt set, cut to ``limit`` and rendered through the chat template if asked."""
+        from q2lab.eval.generation import PromptSet, chat_prompt, load_prompts
+
+        prompts = load_prompts(GEN_ALIASES.get(task.data, task.data))
+        texts = prompts.prompts[: task.limit] if task.limit else prompts.prompts
+        if task.chat:
+            texts = tuple(chat_prompt(candidate, p, True) for p in texts)
+        if texts == prompts.prompts:
+            return prompts
+        return PromptSet.from_prompts(prompts.name, texts)
+
+    @staticmethod
+    def _generate(model: LoadedModel, prompts, task: TaskSpec):
+        from q2lab.eval.generation import generate
+
+        greedy = task.temperature is None
+        return generate(
+            model,
+            prompts,
+            max_new_tokens=task.max_new_tokens,
+            greedy=greedy,
+            temperature=1.0 if greedy else float(task.temperature),
+            seed=task.seed,
+            batch_size=task.batch_size or 8,
+        )
+
+    @staticmethod
+    def _gen_key(task: TaskSpec, prompts) -> str:
+        return f"{task.key()}|{prompts.sha256}"
 
     def _gen_thresholds(self, task: TaskSpec, prompts, own_samples):
-        from q2lab.eval.generation import CollapseThresholds, generate, reference_nll
+        from q2lab.eval.generation import CollapseThresholds, reference_nll
 
-        key = f"{task.data}|{task.limit}|{task.max_new_tokens}|{prompts.sha256}"
+        key = self._gen_key(task, prompts)
         if key not in self._thresholds:
             if self.reference is None:
                 self._thresholds[key] = CollapseThresholds()
             else:
-                ref_samples = own_samples or generate(
-                    self.reference, prompts, max_new_tokens=task.max_new_tokens
-                )
+                ref_samples = own_samples or self._generate(self.reference, prompts, task)
+                self._ref_samples[key] = ref_samples
                 self._thresholds[key] = CollapseThresholds.from_reference(
                     ref_samples, ref_nll=reference_nll(self.reference, ref_samples)
                 )

@@ -38,9 +38,9 @@ PLOT_NAME = "pareto.png"
 REPORT_FILE_MODE = 0o644  # the staging file comes from mkstemp (0600); a report is meant to be read by others
 
 # Headline metrics shown in the main table, in column order within a task.
-HEADLINE_METRICS = ("ppl", "kld_mean", "top1_agree", "acc_norm", "collapse_rate")
+HEADLINE_METRICS = ("ppl", "kld_mean", "top1_agree", "acc_norm", "collapse_rate", "prompt_strict")
 # Task kinds in the order their columns appear (most sensitive signal first).
-TASK_KIND_ORDER = ("kld", "ppl", "mc", "gen")
+TASK_KIND_ORDER = ("kld", "ppl", "mc", "harness", "gen", "ifeval")
 # Metric order in detail tables; unknown metrics follow alphabetically.
 METRIC_ORDER = (
     "ppl",
@@ -55,6 +55,13 @@ METRIC_ORDER = (
     "distinct2",
     "zlib_ratio",
     "longest_loop",
+    "tf_kld",
+    "fr_kld",
+    "agree_tokens",
+    "prompt_strict",
+    "prompt_loose",
+    "inst_strict",
+    "inst_loose",
 )
 # Direction used when a row does not say (rows normally carry ``higher_is_better``).
 DEFAULT_HIGHER_IS_BETTER = {
@@ -69,6 +76,13 @@ DEFAULT_HIGHER_IS_BETTER = {
     "rep4": False,
     "distinct2": True,
     "longest_loop": False,
+    "tf_kld": False,
+    "fr_kld": False,
+    "agree_tokens": True,
+    "prompt_strict": True,
+    "prompt_loose": True,
+    "inst_strict": True,
+    "inst_loose": True,
 }
 # Metrics plotted against bpw, per task kind, first present wins.
 PLOT_METRICS = {"kld": ("kld_mean",), "ppl": ("ppl",), "mc": ("acc_norm", "acc")}
@@ -852,17 +866,22 @@ def render_pareto_png(models: Sequence[ModelResults]) -> bytes:
 
 # --------------------------------------------------------------------------- entry point
 def write_report(rows: list[dict[str, Any]], out_dir: Path, title: str | None = None) -> dict[str, Path]:
-    """Write ``report.md`` and ``pareto.png`` into ``out_dir``; returns {"report": ..., "plot": ...}.
+    """Write ``report.md``, ``pareto.png`` and ``report.html`` (self-contained, see
+    :mod:`q2lab.study.html`) into ``out_dir``; returns {"report": ..., "plot": ..., "html": ...}.
 
     Everything is rendered before anything is written, and both files are staged as temporary
     siblings and only renamed into place once both are complete: on any error the previous
     report (if any) is left untouched and no temporary file remains.
     """
+    from q2lab.study.html import HTML_NAME, render_html
+
     out_dir = Path(out_dir)
     models = group_by_model(rows)
+    pareto = render_pareto_png(models)
     contents = {
         "report": (out_dir / REPORT_NAME, render_markdown(rows, title).encode("utf-8")),
-        "plot": (out_dir / PLOT_NAME, render_pareto_png(models)),
+        "plot": (out_dir / PLOT_NAME, pareto),
+        "html": (out_dir / HTML_NAME, render_html(rows, title, pareto).encode("utf-8")),
     }
     with contextlib.ExitStack() as stack:
         staged = [(stack.enter_context(atomic_path(path)), data) for path, data in contents.values()]

@@ -81,7 +81,7 @@ def run_study(
         else:
             ctx = _CellContext(cfg, model, store_path, out)
             for cell, tasks in todo:
-                append_rows(results, ctx.run(cell, tasks, log))
+                ctx.run(cell, tasks, log, sink=lambda rows: append_rows(results, rows))
             del ctx
             gc.collect()
     from q2lab.study.report import write_report
@@ -118,7 +118,9 @@ class _CellContext:
         cache.mkdir(exist_ok=True)
         self.evaluator = Evaluator(self.reference, workdir=cache)
 
-    def run(self, cell: Cell, tasks: list[TaskSpec], log) -> list[dict[str, Any]]:
+    def run(self, cell: Cell, tasks: list[TaskSpec], log, sink=None) -> list[dict[str, Any]]:
+        """The cell's result rows; with ``sink`` each task's rows also go to it as soon as the
+        task finishes, so an interrupted cell keeps its finished tasks."""
         log(f"cell {cell.id}: {', '.join(t.label for t in tasks)}")
         t0 = time.time()
         if cell.is_reference:
@@ -130,10 +132,16 @@ class _CellContext:
             qinfo = report.to_dict()
         t_quant = time.time() - t0
         self.evaluator.timings.clear()
-        records = self.evaluator.run(candidate, tasks)
-        rows = [
-            self._row(cell, candidate, qinfo, t_quant, task_of(r.task, tasks), r.to_dict()) for r in records
-        ]
+        self.evaluator.candidate_key = f"{cell.id}|{sha256_json(cell.options)}"
+
+        def to_rows(records) -> list[dict[str, Any]]:
+            return [
+                self._row(cell, candidate, qinfo, t_quant, task_of(r.task, tasks), r.to_dict())
+                for r in records
+            ]
+
+        on_records = None if sink is None else (lambda recs: sink(to_rows(recs)))
+        rows = to_rows(self.evaluator.run(candidate, tasks, on_records=on_records))
         if candidate is not self.reference:
             del candidate
             gc.collect()

@@ -395,7 +395,7 @@ def test_bad_prompt_files(tmp_path, name, content, match):
 
 
 def test_missing_prompt_file(tmp_path):
-    with pytest.raises(DataError, match="neither 'default'"):
+    with pytest.raises(DataError, match="neither one of default"):
         load_prompts(str(tmp_path / "nope.txt"))
     (tmp_path / "latin1.txt").write_bytes(b"caf\xe9\n")
     with pytest.raises(DataError, match="UTF-8"):
@@ -511,3 +511,92 @@ def test_forced_loop_on_tiny_model_is_flagged(tiny):
     records = collapse_records("gen:collapse", out, CollapseThresholds())
     assert records[0].metric == "collapse_rate" and records[0].value == 1.0
     assert all(sample_metrics(s).loop_period == 3 for s in out)
+
+
+# ------------------------------------------------------------------ language drift
+PL_TEXT = (
+    "Wakacje spędziłem nad morzem, a potem pojechaliśmy w góry. Było bardzo ciepło i nie padało ani "
+    "razu, więc każdego dnia chodziliśmy na długie spacery. Wieczorem siadaliśmy przy ognisku, "
+    "które paliło się do późna, i rozmawialiśmy o tym, co będzie we wrześniu."
+)
+
+
+def test_builtin_prompts_have_the_language_they_claim():
+    assert {gen.detect_language(p) for p in gen.DEFAULT_PROMPTS} == {"en"}
+    assert {gen.detect_language(p) for p in gen.PL_PROMPTS} == {"pl"}
+    assert [gen.detect_language(p) for p in gen.CHAT_PROMPTS] == ["en", "pl"] * 4
+    assert load_prompts("en_pl").prompts == gen.DEFAULT_PROMPTS + gen.PL_PROMPTS
+    assert gen.detect_language("12345 ...") is None
+
+
+def test_language_drift_is_flagged():
+    """A Polish prompt answered in English, or any prompt answered in another script, drifts."""
+    pl_prompt = gen.PL_PROMPTS[3]
+    english = sample(PARAGRAPHS[0], prompt=pl_prompt)
+    assert gen.language_drift(pl_prompt, english.text) == pytest.approx(1.0, abs=0.05)
+    assert families(reasons_of(english)) == {"language drift"}
+    polish = sample(PL_TEXT, prompt=pl_prompt)
+    assert gen.language_drift(pl_prompt, PL_TEXT) < 0.1 and reasons_of(polish) == []
+    cyrillic = sample("Это был очень длинный день , и мы все устали после работы в поле до вечера .")
+    cyrillic = dataclasses.replace(cyrillic, prompt=gen.DEFAULT_PROMPTS[5])
+    assert "language drift" in families(reasons_of(cyrillic))
+    # too little evidence, or a prompt of unknown language: no verdict
+    assert gen.language_drift(pl_prompt, "OK .") == 0.0
+    assert gen.language_drift("12345", PARAGRAPHS[0]) == 0.0
+    # the threshold calibrates like the others: the reference's worst drift plus a margin
+    ref = [sample(PL_TEXT, prompt=pl_prompt), sample(PARAGRAPHS[1], prompt=gen.DEFAULT_PROMPTS[0])]
+    t = CollapseThresholds.from_reference(ref)
+    assert t.max_drift == pytest.approx(0.4)
+
+
+# ------------------------------------------------------------------ teacher-forced vs free-running
+def test_continuation_kld_matches_direct_computation(tiny):
+    other = make_tiny_model("llama", seed=5)
+    samples = generate(tiny, TINY_PROMPTS, max_new_tokens=5)
+    samples[1] = dataclasses.replace(samples[1], token_ids=samples[1].token_ids[:2], n_new=2, hit_eos=True)
+    samples.append(dataclasses.replace(samples[0], token_ids=(), n_new=0, text="", hit_eos=True))
+    assert all(v == 0 or math.isnan(v) for v in gen.continuation_kld(tiny, tiny, samples))
+    batched = gen.continuation_kld(tiny, other, samples, batch_size=2)
+    for s, v in zip(samples, batched):
+        if not s.n_new:
+            assert math.isnan(v)
+            continue
+        ids = torch.tensor([gen.encode_prompt(tiny, s.prompt) + list(s.token_ids)])
+        start = ids.shape[1] - s.n_new - 1
+        with torch.no_grad():
+            p = torch.log_softmax(tiny.model(ids).logits[0, start:-1], -1)
+            q = torch.log_softmax(other.model(ids).logits[0, start:-1], -1)
+        direct = torch.nn.functional.kl_div(q, p, log_target=True, reduction="none").sum(-1).mean()
+        assert v == pytest.approx(float(direct), rel=1e-4, abs=1e-6) and v > 0
+
+
+def test_agreeing_prefix_and_divergence_records():
+    a, b = sample("a b c d e"), sample("a b x d e")
+    assert gen.agreeing_prefix(a, b) == 2 and gen.agreeing_prefix(a, a) == 5
+    assert gen.agreeing_prefix(a, sample("a b")) == 2
+    recs = gen.divergence_records("gen:x", [a, a], [b, a], [0.1, 0.3], [0.5, float("nan")])
+    got = {r.metric: r for r in recs}
+    assert got["tf_kld"].value == pytest.approx(0.2) and got["fr_kld"].n == 1
+    assert got["agree_tokens"].value == pytest.approx(3.5) and got["agree_tokens"].higher_is_better
+    assert "agree_tokens" not in {
+        r.metric for r in gen.divergence_records("g", [a], [b], [0.1], [0.2], False)
+    }
+
+
+def test_gen_task_with_reference_sampling_and_chat(tiny):
+    from q2lab.eval.tasks import Evaluator, parse_task
+
+    cand = make_tiny_model("llama", seed=5)
+    ev = Evaluator(tiny)
+    greedy = parse_task({"task": "gen:pl", "limit": 2, "max_new_tokens": 6})
+    recs = {r.metric: r for r in ev.run(cand, [greedy])}
+    assert {"collapse_rate", "tf_kld", "fr_kld", "agree_tokens"} <= set(recs)
+    assert recs["tf_kld"].value > 0 and recs["tf_kld"].n == 2
+    sampled = parse_task({"task": "gen:pl", "limit": 2, "max_new_tokens": 6, "temperature": 0.8, "seed": 3})
+    assert sampled.key() != greedy.key()
+    first = {r.metric: r.value for r in ev.run(cand, [sampled])}
+    assert "agree_tokens" not in first and first == {r.metric: r.value for r in ev.run(cand, [sampled])}
+    with pytest.raises(ConfigError, match="temperature"):
+        parse_task({"task": "gen:pl", "temperature": 0})
+    with pytest.raises(ConfigError, match="no chat template"):
+        ev.run(cand, [parse_task({"task": "gen:chat", "limit": 1, "chat": True})])

@@ -211,13 +211,17 @@ def png_size(data: bytes) -> tuple[int, int]:
 def test_write_report_writes_markdown_and_a_valid_png(rows, tmp_path):
     rows.append(row("gptq-b2", "mc:hellaswag", "acc_norm", 0.4))
     paths = report.write_report(rows, tmp_path / "study", title="Unit study")
-    assert set(paths) == {"report", "plot"}
+    assert set(paths) == {"report", "plot", "html"}
     text = paths["report"].read_text(encoding="utf-8")
     assert text.startswith("# Unit study\n")
     assert "![bpw against quality, Pareto frontier](pareto.png)" in text
     width, height = png_size(paths["plot"].read_bytes())
     assert 800 <= width <= 3000 and 300 <= height <= 2000  # three panels in one row
-    assert sorted(p.name for p in (tmp_path / "study").iterdir()) == ["pareto.png", "report.md"]
+    assert sorted(p.name for p in (tmp_path / "study").iterdir()) == [
+        "pareto.png",
+        "report.html",
+        "report.md",
+    ]
 
 
 def test_one_row_of_panels_per_model(rows, tmp_path):

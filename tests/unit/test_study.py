@@ -225,3 +225,35 @@ def test_ray_runner_gives_the_same_results(workspace, monkeypatch):
     assert a.keys() == b.keys() and len(a) >= 6
     for key in a:
         assert b[key] == pytest.approx(a[key], rel=1e-4), key
+
+
+def test_an_interrupted_cell_keeps_its_finished_tasks(workspace, monkeypatch):
+    """Rows are appended task by task: a crash in a cell's last task loses only that task."""
+    from q2lab.eval.tasks import Evaluator
+
+    monkeypatch.setenv("Q2LAB_CACHE", str(workspace / "cache"))
+    path = study_yaml(workspace, methods=[{"method": "fp"}], name="interrupted")
+    out = workspace / "out-interrupted"
+
+    def crash(self, *a, **k):
+        raise RuntimeError("power cut")
+
+    monkeypatch.setattr(Evaluator, "_gen", crash)
+    with pytest.raises(RuntimeError, match="power cut"):
+        runner.run_study(path, out, log=lambda m: None)
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["task"].split(":")[0] for r in rows} == {"ppl", "mc"}  # the reference has no KLD rows
+    monkeypatch.undo()
+    monkeypatch.setenv("Q2LAB_CACHE", str(workspace / "cache"))
+    ran: list[str] = []
+    real_run = Evaluator.run
+
+    def spy(self, candidate, tasks, on_records=None):
+        ran.extend(t.kind for t in tasks)
+        return real_run(self, candidate, tasks, on_records)
+
+    monkeypatch.setattr(Evaluator, "run", spy)
+    runner.run_study(path, out, log=lambda m: None)
+    assert "gen" in ran and not {"ppl", "mc"} & set(ran)  # finished tasks are not run again
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert "collapse_rate" in {r["metric"] for r in rows}

@@ -32,6 +32,12 @@ file keeps it as written ("... on a roof. he"); about a third of the contexts di
 CommonsenseQA deviates from lm-eval, which shows the lettered options and scores the letter;
 scoring the choice texts keeps every task in the same zero-shot cloze format.
 
+Polish classification sets (``polish_ppc``, ``polish_8tags``, ``polish_cdsc_e``,
+``polish_wccrs_hotels``, ``polish_wccrs_medicine``) are scored over verbalized labels with the
+prompts documented in :mod:`q2lab.data.tasks.polish`; ``continuation_polish`` is constructed
+from the Polish evaluation text by :mod:`q2lab.data.tasks.continuation` (which turns any corpus
+into a "which sentence comes next" task).
+
 Any local ``.jsonl`` path with one ``{"context": str, "choices": [str, ...], "label": int}``
 per line (optional ``"id"``) is a task too; every line is validated.
 """
@@ -274,6 +280,58 @@ TASKS: dict[str, _Spec] = {
         '" {sentence after _}" (lm-eval winogrande)',
     ),
 }
+
+
+def _lazy(module: str, func: str) -> Parser:
+    """A parser living in another module (which imports this one)."""
+
+    def parse(paths: list[Path]) -> Iterator[MCItem]:
+        import importlib
+
+        return getattr(importlib.import_module(module), func)(paths)
+
+    return parse
+
+
+_PL = "q2lab.data.tasks.polish"
+_PL_NOTE = " (q2lab's Polish prompt, choices are label verbalizations; see q2lab.data.tasks.polish)"
+TASKS.update(
+    {
+        "polish_ppc": _Spec(
+            ("polish_ppc/test.txt",),
+            _lazy(_PL, "parse_ppc"),
+            'context "Zdanie A: "{a}"\nZdanie B: "{b}"\nPytanie: Czy zdania A i B znaczą to samo?'
+            '\nOdpowiedź:", continuation " {label}"' + _PL_NOTE,
+        ),
+        "polish_8tags": _Spec(
+            ("polish_8tags/test.txt",),
+            _lazy(_PL, "parse_8tags"),
+            'context "Zdanie: "{s}"\nPytanie: Jakiego tematu dotyczy to zdanie?\nOdpowiedź:", '
+            'continuation " {topic}"' + _PL_NOTE,
+        ),
+        "polish_cdsc_e": _Spec(
+            ("polish_cdsc_e/CDS_test_annotated.txt",),
+            _lazy(_PL, "parse_cdsc_e"),
+            'context "Zdanie A: "{a}"\nZdanie B: "{b}"\nPytanie: Czy zdanie B wynika ze zdania A?'
+            '\nOdpowiedź:", continuation " {tak|nie|nie wiadomo}"' + _PL_NOTE,
+        ),
+        **{
+            f"polish_wccrs_{domain}": _Spec(
+                (f"polish_wccrs/{domain}_test.txt",),
+                _lazy(_PL, "parse_wccrs"),
+                'context "Opinia: "{s}"\nPytanie: Jaki wydźwięk ma ta opinia?\nOdpowiedź:", '
+                'continuation " {sentiment}"' + _PL_NOTE,
+            )
+            for domain in ("hotels", "medicine")
+        },
+        "continuation_polish": _Spec(
+            ("polish_prose/eval/eval.jsonl",),
+            _lazy("q2lab.data.tasks.continuation", "parse_continuation_polish"),
+            'context "{3 consecutive sentences}", continuation " {next sentence | 3 length-matched '
+            'sentences from elsewhere}" (constructed, seed 0; see q2lab.data.tasks.continuation)',
+        ),
+    }
+)
 _GENERIC = _Spec((), _generic, 'context "{context}", continuation " {choice}" (generic jsonl)')
 
 
