@@ -6,8 +6,9 @@ all sequences at once: the predecessors of state s' = r·2^{kV} + c are p = j·2
 the 2^{kV} values of j, so the best predecessor cost for every r is a min over one axis of the
 cost viewed as (S, 2^{kV}, 2^{L−kV}), broadcast back over the 2^{kV} successors of r.
 
-Memory.  The back-pointers (the argmin j, one byte per (step, sequence, r)) dominate:
-n·2^{L−kV} bytes per sequence, 4 MiB at L = 16, k = 2, V = 1, T = 256.  Sequences are
+Memory.  The back-pointers (the argmin j per (step, sequence, r), int64 so that ``torch.min``
+writes them in place) dominate: 8·n·2^{L−kV} bytes per sequence, 32 MiB at L = 16, k = 2,
+V = 1, T = 256.  Sequences are
 processed in chunks sized to ``max_bytes``; the cost arrays (S × 2^L float32) are small.
 
 Tail-biting (stored streams wrap around, see :mod:`~q2lab.quant.qtip.trellis`).  The exact
@@ -45,7 +46,7 @@ def viterbi(
     """
     S, T = x.shape
     n = trellis.steps(T)
-    per_seq = n * (1 << trellis.overlap_bits) + 16 * trellis.n_states
+    per_seq = 8 * n * (1 << trellis.overlap_bits) + 16 * trellis.n_states
     chunk = max(1, max_bytes // per_seq)
     states, costs = [], []
     for s0 in range(0, S, chunk):
@@ -67,32 +68,43 @@ def _viterbi_chunk(
     tab = table.to(device=dev, dtype=torch.float32).T.contiguous()  # (V, 2^L)
     xs = x.to(torch.float32).view(S, n, tr.V)
     all_states = torch.arange(tr.n_states, device=dev)
-    back = torch.empty(n, S, 1 << ob, dtype=torch.uint8, device=dev)
-
-    def dist(i: int) -> torch.Tensor:
-        d = (xs[:, i, 0:1] - tab[0]).square_()
-        for v in range(1, tr.V):
-            d += (xs[:, i, v : v + 1] - tab[v]).square_()
-        return d
-
-    cost = dist(0)
+    back = torch.empty(n, S, 1 << ob, dtype=torch.int64, device=dev)
+    # Distances are computed for a slab of steps at once (few, large ops: on CPU the per-op
+    # overhead, not the arithmetic, dominates small trellises); a slab holds ≤ 2^22 floats.
+    slab = max(1, (1 << 22) // (S * tr.n_states))
+    dists = _distances(xs[:, :slab], tab)
+    cost = dists[:, 0].clone()
     if overlap is not None:
         ov = overlap.to(device=dev, dtype=torch.int64)[:, None]
-        cost = cost.masked_fill((all_states[None] >> kv) != ov, float("inf"))
+        cost.masked_fill_((all_states[None] >> kv) != ov, float("inf"))
+    best = torch.empty(S, 1 << ob, device=dev)
     for i in range(1, n):
-        best, arg = cost.view(S, 1 << kv, 1 << ob).min(dim=1)
-        back[i] = arg.to(torch.uint8)
-        cost = dist(i).view(S, 1 << ob, 1 << kv).add_(best[:, :, None]).view(S, tr.n_states)
+        if i % slab == 0:
+            dists = _distances(xs[:, i : i + slab], tab)
+        torch.min(cost.view(S, 1 << kv, 1 << ob), dim=1, out=(best, back[i]))
+        step = dists[:, i % slab].view(S, 1 << ob, 1 << kv)
+        torch.add(step, best[:, :, None], out=cost.view(S, 1 << ob, 1 << kv))
     if overlap is not None:
-        cost = cost.masked_fill((all_states[None] & ((1 << ob) - 1)) != ov, float("inf"))
+        cost.masked_fill_((all_states[None] & ((1 << ob) - 1)) != ov, float("inf"))
     final, last = cost.min(dim=1)
-    path = torch.empty(S, n, dtype=torch.int64, device=dev)
-    path[:, n - 1] = last
-    rows = torch.arange(S, device=dev)
+    # Backtrack: s_{i−1} = (j_i << (L − kV)) | (s_i >> kV), j_i the stored argmin; in-place ops
+    # into preallocated buffers (the loop is per-op-overhead bound on CPU).
+    path = torch.empty(n, S, 1, dtype=torch.int64, device=dev)
+    path[n - 1, :, 0] = last
+    r = torch.empty(S, 1, dtype=torch.int64, device=dev)
     for i in range(n - 1, 0, -1):
-        r = path[:, i] >> kv
-        path[:, i - 1] = (back[i, rows, r].to(torch.int64) << ob) | r
-    return path, final
+        torch.bitwise_right_shift(path[i], kv, out=r)
+        torch.gather(back[i], 1, r, out=path[i - 1])
+        path[i - 1].bitwise_left_shift_(ob).bitwise_or_(r)
+    return path[:, :, 0].T.contiguous(), final
+
+
+def _distances(xs: torch.Tensor, tab: torch.Tensor) -> torch.Tensor:
+    """‖x_i − code(s)‖² for steps xs (S, steps, V) and every state: (S, steps, 2^L)."""
+    d = (xs[:, :, 0:1] - tab[0]).square_()
+    for v in range(1, xs.shape[2]):
+        d += (xs[:, :, v : v + 1] - tab[v]).square_()
+    return d
 
 
 def quantize_sequences(
@@ -102,11 +114,13 @@ def quantize_sequences(
     *,
     tail_biting: Literal["approx", "exact", "none"] = "approx",
     max_bytes: int = DEFAULT_MAX_BYTES,
+    warmup: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tail-biting trellis quantization of sequences ``x`` (S × T).
 
     Returns (states (S × n), reconstruction (S × T)).  ``"none"`` gives an unconstrained path
-    (not storable in n·kV bits; for comparisons).
+    (not storable in n·kV bits; for comparisons).  ``warmup``: steps either side of the wrap
+    point that the approximate mode's first pass sees (None: the whole rotated sequence).
     """
     S, T = x.shape
     n = trellis.steps(T)
@@ -123,10 +137,13 @@ def quantize_sequences(
                 better = c < best
                 states[better], best = st[better], torch.minimum(best, c)
     else:
-        half = n // 2
-        rolled = torch.roll(x, half * trellis.V, dims=1)  # original step 0 is rolled step `half`
+        # Pass 1 only needs the best path's state at the wrap point: run it on a window of
+        # `warmup` steps either side of the wrap (the cyclic sequence rotated so that the wrap
+        # is in the window's middle), not on the whole rotated sequence.
+        half = n // 2 if warmup is None else min(n // 2, warmup)
+        rolled = torch.roll(x, half * trellis.V, dims=1)[:, : 2 * half * trellis.V]
         st, _ = viterbi(rolled, table, trellis, max_bytes=max_bytes)
-        overlap = st[:, half] >> trellis.kv
+        overlap = st[:, half] >> trellis.kv  # rolled step `half` is original step 0
         states, _ = viterbi(x, table, trellis, overlap=overlap, max_bytes=max_bytes)
     assert states is not None
     return states, decode(states, table, trellis).view(S, T)
