@@ -18,9 +18,10 @@ Decoding (:meth:`QTIP.dequantize`, used on the fly by :class:`~q2lab.quant.linea
 rebuilds the states by shifting, looks the values up (a kernel would compute them from the
 state), rescales and undoes the RHT.
 
-CPU default L.  Viterbi work grows as 2^L per weight.  At L = 16 (the paper's setting) one
-SmolLM2-135M pass is hours on 2 CPU cores, so the default is ``L = 12`` (see the timing in
-docs/DESIGN.md); pass ``L: 16`` on a GPU or for the best quality.
+CPU defaults.  Viterbi work grows as 2^L per weight.  At L = 16 (the paper's setting) one
+SmolLM2-135M pass is hours on 2 CPU cores, so the default is ``L = 8`` with the ``1mad`` code
+(the best code at L ≤ 10 in benchmarks/qtip_rate_distortion.py; 3INST wins from L = 12); the
+timing is in docs/DESIGN.md.  Pass ``L: 16`` on a GPU or for the best quality.
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ def _default_alpha(bits: int, L: int) -> float:
 @dataclass
 class QTIPConfig(MethodConfig):
     bits: int = option(2, "bits per weight k of the trellis (1..4)")
-    L: int = option(12, "trellis state bits (paper: 16; 12 is the 2-core CPU default, see docs)")
-    code: str = option("3inst", "trellis code: 1mad, 3inst (computed), hyb (V=2, small table), gauss")
+    L: int = option(8, "trellis state bits (paper: 16; 8 is the 2-core CPU default, see docs)")
+    code: str = option("1mad", "trellis code: 1mad, 3inst (computed), hyb (V=2, small table), gauss")
     tile_rows: int = option(16, "rows per trellis tile (sequence length = tile_rows × tile_cols)")
     tile_cols: int = option(16, "columns per tile = the BlockLDLQ block size g")
     damp: float = option(0.01, "damping added to H's diagonal, as a fraction of its mean")

@@ -78,12 +78,16 @@ def _viterbi_chunk(
         ov = overlap.to(device=dev, dtype=torch.int64)[:, None]
         cost.masked_fill_((all_states[None] >> kv) != ov, float("inf"))
     best = torch.empty(S, 1 << ob, device=dev)
+    # Views made once: the loop body is two kernel calls writing in place.
+    by_pred, by_succ = cost.view(S, 1 << kv, 1 << ob), cost.view(S, 1 << ob, 1 << kv)
+    best_b = best[:, :, None]
+    backs = back.unbind(0)
+    steps = dists.view(S, -1, 1 << ob, 1 << kv).unbind(1)
     for i in range(1, n):
         if i % slab == 0:
-            dists = _distances(xs[:, i : i + slab], tab)
-        torch.min(cost.view(S, 1 << kv, 1 << ob), dim=1, out=(best, back[i]))
-        step = dists[:, i % slab].view(S, 1 << ob, 1 << kv)
-        torch.add(step, best[:, :, None], out=cost.view(S, 1 << ob, 1 << kv))
+            steps = _distances(xs[:, i : i + slab], tab).view(S, -1, 1 << ob, 1 << kv).unbind(1)
+        torch.min(by_pred, dim=1, out=(best, backs[i]))
+        torch.add(steps[i % slab], best_b, out=by_succ)
     if overlap is not None:
         cost.masked_fill_((all_states[None] & ((1 << ob) - 1)) != ov, float("inf"))
     final, last = cost.min(dim=1)
@@ -91,11 +95,12 @@ def _viterbi_chunk(
     # into preallocated buffers (the loop is per-op-overhead bound on CPU).
     path = torch.empty(n, S, 1, dtype=torch.int64, device=dev)
     path[n - 1, :, 0] = last
+    paths = path.unbind(0)
     r = torch.empty(S, 1, dtype=torch.int64, device=dev)
     for i in range(n - 1, 0, -1):
-        torch.bitwise_right_shift(path[i], kv, out=r)
-        torch.gather(back[i], 1, r, out=path[i - 1])
-        path[i - 1].bitwise_left_shift_(ob).bitwise_or_(r)
+        torch.bitwise_right_shift(paths[i], kv, out=r)
+        torch.gather(backs[i], 1, r, out=paths[i - 1])
+        paths[i - 1].bitwise_left_shift_(ob).bitwise_or_(r)
     return path[:, :, 0].T.contiguous(), final
 
 
