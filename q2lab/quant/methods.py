@@ -2,3 +2,4 @@
 
 from q2lab.quant import gptq, quip, rtn  # noqa: F401
 from q2lab.quant.ggml import quantizer as ggml_quantizer  # noqa: F401
+from q2lab.quant.qtip import method as qtip_method  # noqa: F401
