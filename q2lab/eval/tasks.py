@@ -44,6 +44,10 @@ KINDS = ("ppl", "kld", "mc", "gen", "harness", "ifeval")
 GEN_ALIASES = {"collapse": "default"}
 
 
+# Kinds that compare a candidate with the reference: the reference cell has no rows for them.
+COMPARISON_KINDS = frozenset({"kld"})
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     kind: str
@@ -60,6 +64,10 @@ class TaskSpec:
     @property
     def label(self) -> str:
         return f"{self.kind}:{self.data}"
+
+    def applies_to(self, is_reference: bool) -> bool:
+        """Whether a cell gets rows for this task (the reference has no KLD to itself)."""
+        return not (is_reference and self.kind in COMPARISON_KINDS)
 
     def key(self) -> str:
         """Hash of everything that changes the task's numbers (for resumable studies).  Fields

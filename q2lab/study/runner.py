@@ -70,7 +70,7 @@ def run_study(
     done = done_keys(read_results(results))
     for model in cfg.models:
         cells = [c for c in cfg.cells if c.model == model]
-        todo = [(c, [t for t in cfg.tasks if (c.id, t.key()) not in done]) for c in cells]
+        todo = [(c, pending_tasks(c, cfg.tasks, done)) for c in cells]
         todo = [(c, ts) for c, ts in todo if ts]
         if not todo:
             log(f"{model}: all {len(cells)} cells already in {results}")
@@ -88,6 +88,12 @@ def run_study(
 
     write_report(read_results(results), out, title=f"q2lab study: {cfg.name}")
     return results
+
+
+def pending_tasks(cell: Cell, tasks: list[TaskSpec], done: set) -> list[TaskSpec]:
+    """The cell's tasks without rows yet; tasks that give the cell no rows never count as pending,
+    so a resumed study does not redo them (the reference's KLD pass)."""
+    return [t for t in tasks if t.applies_to(cell.is_reference) and (cell.id, t.key()) not in done]
 
 
 def _calibrate_if_needed(cfg: StudyConfig, model: str, todo, log) -> str | None:

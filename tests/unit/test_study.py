@@ -108,7 +108,9 @@ def test_study_runs_resumes_and_shares_hessians(workspace, monkeypatch):
     assert (out / "report.md").exists() and (out / "pareto.png").stat().st_size > 1000
     # resume: nothing is recomputed, nothing is appended
     n_lines = len(results.read_text().splitlines())
-    runner.run_study(study_yaml(workspace), out, log=lambda m: None)
+    logs: list[str] = []
+    runner.run_study(study_yaml(workspace), out, log=logs.append)
+    assert not any(m.startswith("cell ") for m in logs), logs  # not even the reference's KLD pass
     assert calls == {"hessians": 1, "quantize": 3}
     assert len(results.read_text().splitlines()) == n_lines
     # a new grid point reuses the stored Hessians and only runs the new cell
