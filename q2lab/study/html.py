@@ -28,10 +28,7 @@ from typing import Any
 from q2lab.study import report as rp
 
 HTML_NAME = "report.html"
-#: Retention at or above this on MC / log-likelihood, with generation retention below
-#: GEN_COLLAPSED, is flagged as a dissociation.
-MC_KEPT = 0.95
-GEN_COLLAPSED = 0.8
+MC_KEPT, GEN_COLLAPSED = rp.MC_KEPT, rp.GEN_COLLAPSED  # the dissociation thresholds live in report.py
 
 _CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1200px;color:#222;padding:0 12px}
@@ -120,8 +117,7 @@ def _gen_retention(mr: rp.ModelResults, cell: rp.Cell, ref: rp.Cell | None) -> f
     for task in (t for t in mr.tasks() if rp.task_kind(t) == "gen"):
         c, r = _value(mr, cell, task, "collapse_rate"), _value(mr, ref, task, "collapse_rate")
         if c is not None:
-            base = 1.0 - (r or 0.0)
-            vals.append((1.0 - c) / base if base > 0 else 1.0)
+            vals.append(rp._gen_retention(c, r))
     return min(vals) if vals else None
 
 

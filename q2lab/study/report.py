@@ -392,6 +392,13 @@ def _cell_name(cell: Cell, flagged: set[str]) -> str:
 
 
 # --------------------------------------------------------------------------- dissociation
+#: Retention (candidate / reference) at or above this on MC (and, in the HTML retention table, on
+#: log-likelihood), with generation retention ((1 − collapse) / (1 − reference collapse)) below
+#: GEN_COLLAPSED, is a dissociation.
+MC_KEPT = 0.95
+GEN_COLLAPSED = 0.8
+
+
 @dataclass(frozen=True)
 class Dissociation:
     """A cell whose MC accuracy matches the reference while its generation collapses."""
@@ -418,7 +425,8 @@ def _mc_metric(mr: ModelResults, task: str) -> str | None:
 
 
 def find_dissociations(mr: ModelResults) -> list[Dissociation]:
-    """Cells with collapse_rate > 0 whose MC accuracy is inside the reference's CI.
+    """Cells whose generation collapses (retention < GEN_COLLAPSED against the reference's own
+    collapse rate) while an MC accuracy is inside the reference's CI and ≥ MC_KEPT of its value.
 
     Needs a reference with a CI on the MC task; without one nothing is flagged (an interval
     is what makes "indistinguishable" a statement rather than an impression).
@@ -435,11 +443,28 @@ def find_dissociations(mr: ModelResults) -> list[Dissociation]:
             continue
         for task, metric in mc_tasks:
             ref_row, row = mr.get(ref, task, metric), mr.get(cell, task, metric)
-            if ref_row and row and _inside_ci(_num(row.get("value")), ref_row):
-                ref_collapse = _value(mr, ref, collapse["task"], "collapse_rate")
+            ref_collapse = _value(mr, ref, collapse["task"], "collapse_rate")
+            if (
+                ref_row
+                and row
+                and _inside_ci(_num(row.get("value")), ref_row)
+                and _retained(_num(row.get("value")), _num(ref_row.get("value")))
+                and _gen_retention(_num(collapse.get("value")), ref_collapse) < GEN_COLLAPSED
+            ):
                 found.append(Dissociation(cell, collapse, row, ref_row, ref_collapse))
                 break
     return found
+
+
+def _retained(value: float | None, ref_value: float | None) -> bool:
+    """MC kept: the point estimate, not only the (at small N, wide) interval, is near the reference."""
+    return value is not None and bool(ref_value) and value / ref_value >= MC_KEPT  # type: ignore[operator]
+
+
+def _gen_retention(collapse: float | None, ref_collapse: float | None) -> float:
+    """Share of the reference's non-collapsed generations the candidate keeps (1 = as good)."""
+    base = 1.0 - (ref_collapse or 0.0)
+    return 1.0 if collapse is None or base <= 0 else (1.0 - collapse) / base
 
 
 def _collapsed(row: dict[str, Any] | None) -> bool:

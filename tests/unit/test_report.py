@@ -143,10 +143,12 @@ def test_provenance_summary_flags_disagreement(rows):
 
 
 # --------------------------------------------------------------------------- dissociation
-def _dissociation_rows(acc: float) -> list[dict[str, Any]]:
+def _dissociation_rows(
+    acc: float, ref_ci: tuple[float, float] = (0.38, 0.42), ref_collapse: float = 0.0
+) -> list[dict[str, Any]]:
     return [
-        row("fp", "mc:hellaswag", "acc_norm", 0.40, ci=(0.38, 0.42)),
-        row("fp", "gen:collapse", "collapse_rate", 0.0, ci=(0.0, 0.05)),
+        row("fp", "mc:hellaswag", "acc_norm", 0.40, ci=ref_ci),
+        row("fp", "gen:collapse", "collapse_rate", ref_collapse, ci=(0.0, 0.05)),
         row("gptq-b2", "mc:hellaswag", "acc_norm", acc),
         row(
             "gptq-b2",
@@ -173,6 +175,17 @@ def test_no_dissociation_when_mc_accuracy_also_drops():
     text = report.render_markdown(_dissociation_rows(acc=0.30))
     assert "Dissociation (MC vs generation)" not in text
     assert "†" not in text.split("## Provenance", 1)[1]
+
+
+def test_no_dissociation_when_the_reference_collapses_as_often():
+    text = report.render_markdown(_dissociation_rows(acc=0.39, ref_collapse=0.3))
+    assert "Dissociation (MC vs generation)" not in text
+
+
+def test_no_dissociation_from_a_wide_small_sample_interval_alone():
+    # 0.30 lies inside the reference's wide CI, but it keeps only 75% of the reference's accuracy
+    text = report.render_markdown(_dissociation_rows(acc=0.30, ref_ci=(0.20, 0.60)))
+    assert "Dissociation (MC vs generation)" not in text
 
 
 # --------------------------------------------------------------------------- pareto
