@@ -74,6 +74,8 @@ def _same_file_tensors(ref, ours) -> list[str]:
         ("Q2_K", True),
         ("Q4_K_M", True),
         ("IQ2_XXS", True),
+        ("IQ2_S", True),  # IQ2_XS with IQ3_S for attention V/output and the first ffn_down
+        ("IQ2_M", True),
     ],
 )
 def test_file_equals_llamacpp(tiny256, f32_file, imatrix, tmp_path, file_type, with_imatrix) -> None:
@@ -156,11 +158,23 @@ def test_recipe_on_smollm2_shapes_reproduces_the_fallbacks() -> None:
     assert "576 is not a multiple of 256" in by_name["blk.5.attn_q.weight"].why
 
 
-def test_unknown_or_unsupported_file_type_is_a_clear_error() -> None:
+def test_unknown_file_type_is_a_clear_error() -> None:
     with pytest.raises(ConfigError, match=r"unknown llama\.cpp file type"):
         plan_file("Q7_K", [], n_head=1, n_head_kv=1, n_layer=1)
-    with pytest.raises(ConfigError, match="needs IQ3_S"):
-        plan_file("IQ2_M", [], n_head=1, n_head_kv=1, n_layer=1)
+
+
+def test_iq2s_and_iq2m_recipes_bump_to_iq3s() -> None:
+    """llama.cpp's IQ2_S/IQ2_M: IQ3_S where IQ2_XXS/XS files use Q2_K, plus attention output."""
+    tens = [("token_embd.weight", (512, 256))] + [
+        (f"blk.{i}.{n}.weight", s)
+        for i in range(8)
+        for n, s in (("attn_output", (256, 256)), ("attn_v", (256, 256)), ("ffn_down", (256, 512)))
+    ]
+    for ft, default in (("IQ2_S", "IQ2_XS"), ("IQ2_M", "IQ2_S")):
+        types = {t.name: t.type for t in plan_file(ft, tens, n_head=4, n_head_kv=2, n_layer=8).tensors}
+        assert types["token_embd.weight"] == "Q5_K"  # tied: quantized as the output
+        assert types["blk.0.ffn_down.weight"] == "IQ3_S" and types["blk.1.ffn_down.weight"] == default
+        assert types["blk.3.attn_v.weight"] == types["blk.3.attn_output.weight"] == "IQ3_S"
 
 
 def test_iq2_export_without_imatrix_is_refused_and_leaves_no_file(tiny256, tmp_path) -> None:
