@@ -113,6 +113,45 @@ def test_exported_file_runs_in_llamacpp(tmp_path) -> None:
     assert np.abs(ours - theirs).max() < 0.2 * np.abs(ours - float_logits).max()
 
 
+@needs_llamacpp
+def test_gemma3_export_runs_in_llamacpp(tmp_path) -> None:
+    """A Gemma-3-shaped model: llama.cpp's gemma3 graph on our file gives the model's logits.
+
+    51 tokens over a sliding window of 8 (local/global layers, two rope bases), norms away from
+    zero so the stored ``1 + w`` matters, no Q/K permutation; the Q4_K_M file equals llama.cpp's
+    quantization of our F32 file, and ``load_into`` reads the quantized weights back.
+    """
+    import torch
+
+    from q2lab.export.gguf import differing_tensors
+    from q2lab.quant.ggml.llamacpp import logits
+
+    lm = make_tiny_model("gemma3", hidden_size=256, intermediate_size=512, num_hidden_layers=2, seed=3)
+    with torch.no_grad():
+        for name, p in lm.model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(0, 0.3)
+    tokens = lm.tokenizer("The quick brown fox jumps over the lazy dog and runs far away.")["input_ids"]
+    assert len(tokens) > 3 * lm.model.config.sliding_window
+    with torch.no_grad():
+        float_logits = lm.model(torch.tensor([tokens])).logits[0].numpy()
+    f32 = tmp_path / "f.gguf"
+    export_gguf(lm, f32, "F32")
+    names = set(_tensors(f32))
+    gemma_norms = ("attn_q_norm", "attn_k_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm")
+    assert {f"blk.1.{n}.weight" for n in gemma_norms} <= names
+    assert np.abs(logits(f32, tokens) - float_logits).max() < 1e-3
+    ref = tmp_path / "ref.gguf"
+    llamacpp.quantize_file(f32, ref, "Q4_K_M", nthread=1)
+    export_gguf(lm, tmp_path / "q.gguf", "Q4_K_M")
+    assert differing_tensors(ref, tmp_path / "q.gguf") == []
+    theirs = logits(tmp_path / "q.gguf", tokens)
+    load_into(lm, tmp_path / "q.gguf")
+    with torch.no_grad():
+        ours = lm.model(torch.tensor([tokens])).logits[0].numpy()
+    assert np.abs(ours - theirs).max() < 0.2 * np.abs(ours - float_logits).max()
+
+
 def test_float_export_round_trips(tiny256, f32_file) -> None:
     """Reading our F32 file back (Q/K permutation undone) gives the model's weights exactly."""
     import copy
