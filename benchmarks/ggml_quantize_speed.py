@@ -7,7 +7,7 @@ model is available, else random matrices of the same shapes; rows of 576 are cut
 seconds per million weights and the ratio ``q2lab / llama.cpp`` (lower is better; the K-quant
 target is ≤ 3), and checks that the bytes are identical while at it.
 
-    python benchmarks/ggml_quantize_speed.py [--quick] [--imatrix] [--json OUT]
+    python benchmarks/ggml_quantize_speed.py [--quick] [--imatrix] [--types Q3_K,IQ3_S] [--json OUT]
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import numpy as np
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
-IQ2 = ["IQ2_XXS", "IQ2_XS", "IQ2_S"]
+TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ3_S"]
+IQ2 = ["IQ2_XXS", "IQ2_XS", "IQ2_S"]  # importance-only: timed with --imatrix
 
 
 def matrices(quick: bool) -> list[np.ndarray]:
@@ -60,6 +60,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="one layer, one repeat")
     ap.add_argument("--imatrix", action="store_true", help="also time the importance-weighted paths and IQ2")
+    ap.add_argument("--types", help="comma-separated subset of the types to time (default: all)")
     ap.add_argument("--json", help="write the numbers here")
     args = ap.parse_args()
 
@@ -75,6 +76,9 @@ def main() -> None:
     cases = [(t, False) for t in TYPES]
     if args.imatrix:
         cases += [(t, True) for t in TYPES + IQ2]
+    if args.types:
+        keep = {t.strip().upper() for t in args.types.split(",")}
+        cases = [c for c in cases if c[0] in keep]
     rows = []
     print(f"{n_weights / 1e6:.2f} M weights in {len(mats)} matrices, 1 thread each")
     print(f"{'type':<9}{'imatrix':<9}{'q2lab s/Mw':>12}{'llama s/Mw':>12}{'ratio':>8}  bytes")

@@ -1,11 +1,13 @@
-"""GGUF export: any llama-architecture model to a float (F32/F16) or llama.cpp-quantized GGUF.
+"""GGUF export: llama and Gemma-3 models to a float (F32/F16) or llama.cpp-quantized GGUF.
 
 The file is what llama.cpp's own converter and quantizer would write: tensors named and ordered
 as ``llama_model_quantize`` writes them (non-block tensors, then block by block), Q/K rows in
-GGUF's rotary order, each tensor in the type llama.cpp's recipe for the file type picks
-(:mod:`q2lab.quant.ggml.recipes`), quantized by q2lab's bit-exact GGML types with the same
-importance matrix.  Metadata (architecture, hyper-parameters, tokenizer) is copied from the
-source GGUF when the model came from one, else built from the transformers config and tokenizer.
+GGUF's rotary order (llama; Gemma 3 keeps HF's NeoX order), Gemma's ``(1 + w)`` RMS norms
+stored as ``1 + w`` as ``convert_hf_to_gguf`` writes them, each tensor in the type llama.cpp's
+recipe for the file type picks (:mod:`q2lab.quant.ggml.recipes`), quantized by q2lab's
+bit-exact GGML types with the same importance matrix.  Metadata (architecture,
+hyper-parameters, tokenizer) is copied from the source GGUF when the model came from one, else
+built from the transformers config and tokenizer.
 
 Everything is written to a temporary file and renamed, so a failure leaves no partial file.
 """
@@ -38,8 +40,31 @@ _BLOCK_NAMES = {
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
 }
+_GEMMA3_BLOCK_NAMES = _BLOCK_NAMES | {
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "post_attention_layernorm.weight": "post_attention_norm.weight",  # after attention, not before the FFN
+    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+}
 _TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
-SUPPORTED_ARCHS = ("llama",)
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How one transformers architecture maps onto a llama.cpp one."""
+
+    gguf_arch: str
+    block_names: dict[str, str]
+    permute_qk: bool  # llama.cpp's "normal" rope wants interleaved Q/K rows; NeoX-rope archs do not
+    norm_offset: float  # stored norm = HF weight + offset (Gemma multiplies by 1 + w)
+
+
+ARCHS = {
+    "llama": ArchSpec("llama", _BLOCK_NAMES, True, 0.0),
+    "gemma3_text": ArchSpec("gemma3", _GEMMA3_BLOCK_NAMES, False, 1.0),
+}
+SUPPORTED_ARCHS = tuple(ARCHS)
 _SKIP_KEYS = ("GGUF.", "general.architecture", "general.file_type", "general.quantization_version")
 
 
@@ -59,13 +84,22 @@ def _sort_key(name: str) -> tuple[int, str]:
     return (int(m.group(1)) if m else -1, name)
 
 
+def arch_spec(model: torch.nn.Module) -> ArchSpec:
+    """The llama.cpp mapping of ``model``'s architecture, or a clear error for the others."""
+    model_type = model.config.model_type
+    if model_type not in ARCHS:
+        raise ConfigError(f"GGUF export supports {', '.join(ARCHS)} models; this one is {model_type!r}")
+    return ARCHS[model_type]
+
+
+def _is_norm(key: str) -> bool:
+    return key.endswith("norm.weight")
+
+
 def gguf_tensors(model: torch.nn.Module) -> list[GGUFTensor]:
     """The model's weights as GGUF tensors, in llama.cpp's order (Q/K rows permuted for rotary)."""
     cfg = model.config
-    if cfg.model_type not in SUPPORTED_ARCHS:
-        raise ConfigError(
-            f"GGUF export supports {', '.join(SUPPORTED_ARCHS)} models; this one is {cfg.model_type!r}"
-        )
+    spec = arch_spec(model)
     n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
     out: dict[str, GGUFTensor] = {}
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
@@ -75,11 +109,13 @@ def gguf_tensors(model: torch.nn.Module) -> list[GGUFTensor]:
             if not tied:
                 out["output.weight"] = GGUFTensor("output.weight", "lm_head", data)
             continue
+        if spec.norm_offset and _is_norm(key):
+            data = data + np.float32(spec.norm_offset)
         if key in _TOP_NAMES:
             out[_TOP_NAMES[key]] = GGUFTensor(_TOP_NAMES[key], "", data)
             continue
         m = _LAYER.match(key)
-        if not m or m.group(2) not in _BLOCK_NAMES:
+        if not m or m.group(2) not in spec.block_names:
             if key.endswith(("rotary_emb.inv_freq",)):
                 continue
             raise ConfigError(f"GGUF export: no GGUF name for tensor {key} of this {cfg.model_type} model")
@@ -87,10 +123,10 @@ def gguf_tensors(model: torch.nn.Module) -> list[GGUFTensor]:
         module = key.rsplit(".", 1)[0] if data.ndim == 2 else ""
         blocks, btype = held.get(module, (None, None))
         heads = (n_head, n_head) if "q_proj" in local else (n_head, n_kv) if "k_proj" in local else None
-        if heads:  # rows are quantized independently, so GGUF bytes permute like the rows
+        if heads and spec.permute_qk:  # rows are quantized independently, so GGUF bytes permute like the rows
             data = _permute(data, *heads)
             blocks = None if blocks is None else _permute(blocks, *heads)
-        name = f"blk.{layer}.{_BLOCK_NAMES[local]}"
+        name = f"blk.{layer}.{spec.block_names[local]}"
         out[name] = GGUFTensor(name, module, data, blocks, btype)
     return [out[k] for k in sorted(out, key=_sort_key)]
 
@@ -172,7 +208,7 @@ def export_gguf(
     from q2lab.utils.progress import progress as bar
 
     with atomic_path(out) as tmp:
-        w = gguf.GGUFWriter(str(tmp), "llama")
+        w = gguf.GGUFWriter(str(tmp), arch_spec(loaded.model).gguf_arch)
         if src is not None:
             _copy_metadata(src, w)
         else:
@@ -264,8 +300,16 @@ def _source_fields(path: str, size: int, mtime_ns: int) -> tuple:
         raise CorruptFileError(f"cannot read the metadata of the source GGUF {path}: {e}") from e
 
 
+def _rope_theta(cfg, layer_type: str) -> float | None:
+    """``rope_theta`` from the config (transformers ≥ 5 keeps it per attention type)."""
+    params = getattr(cfg, "rope_parameters", None) or {}
+    if layer_type in params:
+        params = params[layer_type]
+    return getattr(cfg, "rope_theta", None) or params.get("rope_theta")
+
+
 def _metadata_from_config(loaded, w) -> None:
-    """Llama hyper-parameters and a BPE ("gpt2") tokenizer from transformers objects."""
+    """Hyper-parameters (llama / gemma3) and a BPE ("gpt2") tokenizer from transformers objects."""
     cfg = loaded.model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     w.add_name(loaded.info.name)
@@ -276,11 +320,29 @@ def _metadata_from_config(loaded, w) -> None:
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
-    rope = getattr(cfg, "rope_theta", None) or (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta")
-    w.add_rope_freq_base(float(rope or 10000.0))
+    w.add_rope_freq_base(float(_rope_theta(cfg, "full_attention") or 10000.0))
     w.add_rope_dimension_count(head_dim)
     w.add_vocab_size(cfg.vocab_size)
+    if arch_spec(loaded.model).gguf_arch == "gemma3":
+        _gemma3_metadata(cfg, head_dim, w)
     _tokenizer_metadata(loaded, w)
+
+
+def _gemma3_metadata(cfg, head_dim: int, w) -> None:
+    """What llama.cpp's gemma3 loader reads beyond llama's keys: head sizes and the sliding window."""
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    if cfg.query_pre_attn_scalar != head_dim:
+        raise ConfigError(
+            f"llama.cpp scales Gemma-3 attention by 1/sqrt(head_dim = {head_dim}); this model uses "
+            f"query_pre_attn_scalar = {cfg.query_pre_attn_scalar}, which a GGUF cannot express"
+        )
+    if getattr(cfg, "final_logit_softcapping", None):
+        w.add_final_logit_softcapping(float(cfg.final_logit_softcapping))
+    if getattr(cfg, "sliding_window", None):
+        w.add_sliding_window(int(cfg.sliding_window))
+        w.add_sliding_window_pattern([t == "sliding_attention" for t in cfg.layer_types])
+        w.add_float32("gemma3.rope.freq_base_swa", float(_rope_theta(cfg, "sliding_attention") or 10000.0))
 
 
 def _tokenizer_metadata(loaded, w) -> None:
@@ -332,10 +394,12 @@ def load_into(loaded, path: str | Path) -> None:
     The inverse of :func:`gguf_tensors`: q2lab then evaluates exactly the model llama.cpp runs.
     """
     cfg = loaded.model.config
+    spec = arch_spec(loaded.model)
     values = dequantized_state(path)
     by_gguf = {t.name: t for t in gguf_tensors(loaded.model)}
     state = loaded.model.state_dict()
     inverse = {v: k for k, v in _TOP_NAMES.items()}
+    inverse_block = {v: k for k, v in spec.block_names.items()}
     for name, arr in values.items():
         if name == "output.weight":
             key = "lm_head.weight"
@@ -343,18 +407,16 @@ def load_into(loaded, path: str | Path) -> None:
             key = inverse[name]
         else:
             layer, local = name.split(".", 2)[1:]
-            key = f"model.layers.{layer}.{_inverse_block()[local]}"
+            key = f"model.layers.{layer}.{inverse_block[local]}"
         arr = arr.reshape(by_gguf[name].data.shape)
-        if key.endswith("q_proj.weight"):
+        if spec.norm_offset and _is_norm(key):
+            arr = arr - np.float32(spec.norm_offset)
+        if key.endswith("q_proj.weight") and spec.permute_qk:
             arr = _unpermute(arr, cfg.num_attention_heads, cfg.num_attention_heads)
-        elif key.endswith("k_proj.weight"):
+        elif key.endswith("k_proj.weight") and spec.permute_qk:
             arr = _unpermute(arr, cfg.num_attention_heads, cfg.num_key_value_heads)
         with torch.no_grad():
             state[key].copy_(torch.from_numpy(np.array(arr)).to(state[key].dtype))
-
-
-def _inverse_block() -> dict[str, str]:
-    return {v: k for k, v in _BLOCK_NAMES.items()}
 
 
 def _unpermute(w: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:

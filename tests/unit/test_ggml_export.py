@@ -74,6 +74,8 @@ def _same_file_tensors(ref, ours) -> list[str]:
         ("Q2_K", True),
         ("Q4_K_M", True),
         ("IQ2_XXS", True),
+        ("IQ2_S", True),  # IQ2_XS with IQ3_S for attention V/output and the first ffn_down
+        ("IQ2_M", True),
     ],
 )
 def test_file_equals_llamacpp(tiny256, f32_file, imatrix, tmp_path, file_type, with_imatrix) -> None:
@@ -108,6 +110,45 @@ def test_exported_file_runs_in_llamacpp(tmp_path) -> None:
         ours = lm.model(torch.tensor([tokens])).logits[0].numpy()
     # llama.cpp also rounds activations to 8 bits in quantized matmuls: compare against the
     # quantization's own effect rather than demanding equality
+    assert np.abs(ours - theirs).max() < 0.2 * np.abs(ours - float_logits).max()
+
+
+@needs_llamacpp
+def test_gemma3_export_runs_in_llamacpp(tmp_path) -> None:
+    """A Gemma-3-shaped model: llama.cpp's gemma3 graph on our file gives the model's logits.
+
+    51 tokens over a sliding window of 8 (local/global layers, two rope bases), norms away from
+    zero so the stored ``1 + w`` matters, no Q/K permutation; the Q4_K_M file equals llama.cpp's
+    quantization of our F32 file, and ``load_into`` reads the quantized weights back.
+    """
+    import torch
+
+    from q2lab.export.gguf import differing_tensors
+    from q2lab.quant.ggml.llamacpp import logits
+
+    lm = make_tiny_model("gemma3", hidden_size=256, intermediate_size=512, num_hidden_layers=2, seed=3)
+    with torch.no_grad():
+        for name, p in lm.model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(0, 0.3)
+    tokens = lm.tokenizer("The quick brown fox jumps over the lazy dog and runs far away.")["input_ids"]
+    assert len(tokens) > 3 * lm.model.config.sliding_window
+    with torch.no_grad():
+        float_logits = lm.model(torch.tensor([tokens])).logits[0].numpy()
+    f32 = tmp_path / "f.gguf"
+    export_gguf(lm, f32, "F32")
+    names = set(_tensors(f32))
+    gemma_norms = ("attn_q_norm", "attn_k_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm")
+    assert {f"blk.1.{n}.weight" for n in gemma_norms} <= names
+    assert np.abs(logits(f32, tokens) - float_logits).max() < 1e-3
+    ref = tmp_path / "ref.gguf"
+    llamacpp.quantize_file(f32, ref, "Q4_K_M", nthread=1)
+    export_gguf(lm, tmp_path / "q.gguf", "Q4_K_M")
+    assert differing_tensors(ref, tmp_path / "q.gguf") == []
+    theirs = logits(tmp_path / "q.gguf", tokens)
+    load_into(lm, tmp_path / "q.gguf")
+    with torch.no_grad():
+        ours = lm.model(torch.tensor([tokens])).logits[0].numpy()
     assert np.abs(ours - theirs).max() < 0.2 * np.abs(ours - float_logits).max()
 
 
@@ -156,11 +197,23 @@ def test_recipe_on_smollm2_shapes_reproduces_the_fallbacks() -> None:
     assert "576 is not a multiple of 256" in by_name["blk.5.attn_q.weight"].why
 
 
-def test_unknown_or_unsupported_file_type_is_a_clear_error() -> None:
+def test_unknown_file_type_is_a_clear_error() -> None:
     with pytest.raises(ConfigError, match=r"unknown llama\.cpp file type"):
         plan_file("Q7_K", [], n_head=1, n_head_kv=1, n_layer=1)
-    with pytest.raises(ConfigError, match="needs IQ3_S"):
-        plan_file("IQ2_M", [], n_head=1, n_head_kv=1, n_layer=1)
+
+
+def test_iq2s_and_iq2m_recipes_bump_to_iq3s() -> None:
+    """llama.cpp's IQ2_S/IQ2_M: IQ3_S where IQ2_XXS/XS files use Q2_K, plus attention output."""
+    tens = [("token_embd.weight", (512, 256))] + [
+        (f"blk.{i}.{n}.weight", s)
+        for i in range(8)
+        for n, s in (("attn_output", (256, 256)), ("attn_v", (256, 256)), ("ffn_down", (256, 512)))
+    ]
+    for ft, default in (("IQ2_S", "IQ2_XS"), ("IQ2_M", "IQ2_S")):
+        types = {t.name: t.type for t in plan_file(ft, tens, n_head=4, n_head_kv=2, n_layer=8).tensors}
+        assert types["token_embd.weight"] == "Q5_K"  # tied: quantized as the output
+        assert types["blk.0.ffn_down.weight"] == "IQ3_S" and types["blk.1.ffn_down.weight"] == default
+        assert types["blk.3.attn_v.weight"] == types["blk.3.attn_output.weight"] == "IQ3_S"
 
 
 def test_iq2_export_without_imatrix_is_refused_and_leaves_no_file(tiny256, tmp_path) -> None:

@@ -20,6 +20,7 @@ from q2lab.quant.ggml.types import ggml_type, type_names
 
 ALL_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 IQ2_TYPES = ["IQ2_XXS", "IQ2_XS", "IQ2_S"]
+LATTICE_TYPES = [*IQ2_TYPES, "IQ3_S"]  # the shared lattice search (iq2.py, iq3.py)
 
 needs_llamacpp = pytest.mark.skipif(
     not llamacpp.available(),
@@ -69,19 +70,20 @@ def test_bytes_equal_llamacpp(name: str, with_imatrix: bool) -> None:
 
 
 @needs_llamacpp
-@pytest.mark.parametrize("name", IQ2_TYPES)
+@pytest.mark.parametrize("name", LATTICE_TYPES)
 def test_iq2_bytes_equal_llamacpp(name: str) -> None:
-    """IQ2 with an importance matrix (and IQ2_S's reference path): one search, bit for bit."""
+    """IQ2/IQ3_S with an importance matrix (and the reference paths): one search, bit for bit."""
     t = ggml_type(name)
     x = hard_matrix(512)
     x[10:] = np.random.default_rng(9).standard_t(4, (x.shape[0] - 10, 512)) * 0.02
-    for qw in [importance(512)] + ([None] if name == "IQ2_S" else []):
+    x[11, 32:64] = 0.0  # an all-zero sub-block mid-row: IQ3_S's C code shifts the later groups
+    for qw in [importance(512)] + ([None] if t.reference_path else []):
         ours = t.quantize_rows(x, qw)
         bad = np.nonzero((ours != llamacpp.quantize_chunk(int(t.qtype), x, qw)).any(axis=1))[0]
         assert bad.size == 0, f"{name}: rows {bad.tolist()} differ from llama.cpp"
 
 
-@pytest.mark.parametrize("name", IQ2_TYPES)
+@pytest.mark.parametrize("name", LATTICE_TYPES)
 def test_iq2_dequantize_equals_gguf_package(name: str) -> None:
     t = ggml_type(name)
     x = hard_matrix(256, seed=5)
@@ -98,12 +100,12 @@ def test_iq2_codebook_is_the_published_grid() -> None:
     """The grid decodes to gguf's table and every searchable off-grid key has neighbours."""
     from q2lab.quant.ggml.iq2 import codebook
 
-    for name, size in zip(IQ2_TYPES, (256, 512, 1024)):
+    for name, size in zip(LATTICE_TYPES, (256, 512, 1024, 512)):
         cb = codebook(name)
-        assert cb.levels.shape == (size, 8)
+        assert cb.levels.shape == (size, cb.group)
         getattr(gq, name).init_grid()
         vals = np.array(getattr(gq, name).grid_map, np.float32)[cb.levels]
-        assert np.array_equal(vals, getattr(gq, name).grid.reshape(-1, 8))
+        assert np.array_equal(vals, getattr(gq, name).grid.reshape(-1, cb.group))
         off = cb.kmap < 0
         on_keys = np.nonzero(~off)[0]
         assert np.array_equal(np.sort(cb.kmap[on_keys]), np.arange(size))

@@ -67,12 +67,19 @@ def take_first(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
 def first_max_abs(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(amax, max)``: the first element with the largest |x| and its signed value.
 
-    C: ``if (ax > amax) { amax = ax; max = x[i]; }`` starting from ``amax = 0``.
+    C: ``if (ax > amax) { amax = ax; max = x[i]; }`` starting from ``amax = 0``.  The signed
+    value is the column max or min, whichever is larger in magnitude; only where both reach it
+    (``+a`` and ``-a`` in one group) does the first occurrence decide, found by ``argmax`` on
+    those few columns (a full ``argmax`` over position-major data is the slow path).
     """
-    ax = np.abs(x)
-    idx = np.argmax(ax, axis=0)
-    amax = take_first(ax, idx)
-    mx = take_first(x, idx)
+    hi, lo = x.max(axis=0), x.min(axis=0)
+    neg = -lo
+    amax = np.maximum(hi, neg)
+    mx = np.where(hi >= neg, hi, lo)
+    tie = np.flatnonzero((hi == neg) & (hi > 0))
+    if tie.size:
+        sub = x[:, tie]
+        mx[tie] = take_first(sub, np.argmax(np.abs(sub), axis=0))
     zero = ~(amax > 0)
     return np.where(zero, F32(0), amax), np.where(zero, F32(0), mx)
 

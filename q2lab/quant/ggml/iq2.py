@@ -26,35 +26,47 @@ from q2lab.quant.ggml.kquants import scales_pm, sigma2, sub_weights
 from q2lab.quant.ggml.search import make_qp_quants
 from q2lab.quant.ggml.types import QK_K, GGMLType, fp16_bytes, half, join, position_major, split
 
-_POW = (4 ** np.arange(8)).astype(np.int64)  # level i of a group sits at bits 2i of its key
-_MAP_SIZE = 43692  # keys of 8 levels ≤ 2 are < 0xAAAA + 2
+# grid → (weights per group, key bits per level, highest level a search produces, distances kept)
+_GRIDS = {"IQ2_XXS": (8, 2, 2, 2), "IQ2_XS": (8, 2, 2, 2), "IQ2_S": (8, 2, 2, 1), "IQ3_S": (4, 3, 7, 3)}
 
 
 @dataclass(frozen=True)
 class Codebook:
     """A grid with its dense key → index map and padded neighbour lists (``-1`` pads)."""
 
-    levels: np.ndarray  # (P, 8) int8 levels 0‥2
-    kmap: np.ndarray  # (_MAP_SIZE,) int32: grid index of a key, -1 when off the grid
-    neighbours: np.ndarray  # (_MAP_SIZE, K) int32 for off-grid keys, ordered by (distance, index)
-    lengths: np.ndarray  # (_MAP_SIZE,) number of neighbours of each key
-    qvalues: np.ndarray  # (8, P) float32 grid values 2l + 1, position-major for gathers
+    levels: np.ndarray  # (P, group) int8 levels 0‥top
+    kmap: np.ndarray  # (M,) int32: grid index of a key, -1 when off the grid
+    neighbours: np.ndarray  # (M, K) int32 for off-grid keys, ordered by (distance, index)
+    lengths: np.ndarray  # (M,) number of neighbours of each key
+    qvalues: np.ndarray  # (group, P) float32 grid values 2l + 1, position-major for gathers
+    pow: np.ndarray  # (group,) int64: level i of a group sits at bits (key bits)·i of its key
+    top: int  # highest level the rounding produces
+
+    @property
+    def group(self) -> int:
+        return len(self.pow)
 
 
 @functools.cache
 def codebook(type_name: str) -> Codebook:
-    """The codebook of an IQ2 type from gguf's published grid; neighbours as llama.cpp builds them."""
+    """The codebook of an IQ2/IQ3 type from gguf's published grid; neighbours as llama.cpp builds them.
+
+    (``iq2xs_init_impl`` / ``iq3xs_init_impl``: for every key off the grid, all grid points
+    within the ``nwant`` smallest distinct squared distances, ordered by distance then index.)
+    """
+    group, bits, top, nwant = _GRIDS[type_name]
+    pw = (2 ** (bits * np.arange(group))).astype(np.int64)
     cls = getattr(gq, type_name)
     cls.init_grid()
-    values = np.asarray(cls.grid, dtype=np.float32).reshape(-1, 8)
+    values = np.asarray(cls.grid, dtype=np.float32).reshape(-1, group)
     levels = np.searchsorted(np.asarray(cls.grid_map, dtype=np.float32), values).astype(np.int8)
-    keys = levels.astype(np.int64) @ _POW
-    kmap = np.full(_MAP_SIZE, -1, dtype=np.int32)
+    keys = levels.astype(np.int64) @ pw
+    kmap = np.full(int(top * pw.sum()) + 1, -1, dtype=np.int32)
     kmap[keys] = np.arange(len(keys), dtype=np.int32)
-    nwant = 1 if type_name == "IQ2_S" else 2
-    # every key with levels ≤ 2 (the only ones a search can produce); others keep no list
-    all_levels = (np.arange(3**8)[:, None] // (3 ** np.arange(8))[None, :]) % 3
-    all_keys = all_levels @ _POW
+    # every key with levels ≤ top (the only ones a search can produce); others keep no list
+    base = top + 1
+    all_levels = (np.arange(base**group)[:, None] // (base ** np.arange(group))[None, :]) % base
+    all_keys = all_levels @ pw
     off = kmap[all_keys] < 0
     q, pos = 2 * levels.astype(np.int64) + 1, 2 * all_levels[off] + 1
     d2 = (pos * pos).sum(1)[:, None] + (q * q).sum(1)[None, :] - 2 * pos @ q.T  # (U, P) exact ints
@@ -64,17 +76,18 @@ def codebook(type_name: str) -> Codebook:
     keep = np.cumsum(distinct, axis=1) <= nwant
     width = int(keep.sum(1).max())
     lists = np.where(keep[:, :width], order[:, :width], -1).astype(np.int32)
-    neighbours = np.full((_MAP_SIZE, width), -1, dtype=np.int32)
+    neighbours = np.full((len(kmap), width), -1, dtype=np.int32)
     neighbours[all_keys[off]] = lists
     lengths = (neighbours >= 0).sum(axis=1)
     qvalues = np.ascontiguousarray((2 * levels.astype(np.float32) + 1).T)
-    return Codebook(levels, kmap, neighbours, lengths, qvalues)
+    return Codebook(levels, kmap, neighbours, lengths, qvalues, pw, top)
 
 
-def group_keys(levels: np.ndarray) -> np.ndarray:
-    """(S, G) levels → (S/8, G) keys ``Σ l_i << 2i`` of the 8-weight groups."""
+def group_keys(cb: Codebook, levels: np.ndarray) -> np.ndarray:
+    """(S, G) levels → (S/group, G) keys ``Σ l_i << bits·i`` of the groups."""
     s, g = levels.shape
-    return np.tensordot(_POW, levels.reshape(s // 8, 8, g).astype(np.int64), axes=([0], [1]))
+    n = cb.group
+    return np.tensordot(cb.pow, levels.reshape(s // n, n, g).astype(np.int64), axes=([0], [1]))
 
 
 def snap(
@@ -86,13 +99,14 @@ def snap(
     levels and whether each group was on the grid already.
     """
     s, g = levels.shape
-    all_keys = group_keys(levels)
+    n = cb.group
+    all_keys = group_keys(cb, levels)
     on = cb.kmap[all_keys] >= 0
     k_idx, g_idx = np.nonzero(todo & ~on)
     if k_idx.size:
         keys = all_keys[k_idx, g_idx]
-        xo = xval.reshape(s // 8, 8, g)[k_idx, :, g_idx]  # (M, 8)
-        wo = waux.reshape(s // 8, 8, g)[k_idx, :, g_idx]
+        xo = xval.reshape(s // n, n, g)[k_idx, :, g_idx]  # (M, group)
+        wo = waux.reshape(s // n, n, g)[k_idx, :, g_idx]
         sc = scale[g_idx][:, None]
         best = np.empty(len(keys), dtype=np.int64)
         lens = cb.lengths[keys]
@@ -102,7 +116,7 @@ def snap(
             lo = width
             if sel.size:
                 best[sel] = _best_neighbour(cb, keys[sel], xo[sel], wo[sel], sc[sel], width)
-        lv = levels.reshape(s // 8, 8, g).copy()
+        lv = levels.reshape(s // n, n, g).copy()
         lv[k_idx, :, g_idx] = cb.levels[best]
         levels = lv.reshape(s, g)
     return levels, on
@@ -115,7 +129,7 @@ def _best_neighbour(cb: Codebook, keys, xo, wo, sc, width: int) -> np.ndarray:
     d2 = np.zeros(cand.shape, dtype=F32)
     diff, term = np.empty_like(d2), np.empty_like(d2)
     with np.errstate(over="ignore", invalid="ignore"):
-        for i in range(8):  # d2 += w·diff·diff with diff = scale·q − x, in C's order, in place
+        for i in range(cb.group):  # d2 += w·diff·diff with diff = scale·q − x, in C's order, in place
             np.take(cb.qvalues[i], safe, out=diff)
             diff *= sc
             diff -= xo[:, i : i + 1]
@@ -132,32 +146,40 @@ def qsums(w: np.ndarray, xval: np.ndarray, levels: np.ndarray) -> tuple[np.ndarr
     return seqsum(w * xval * q), seqsum(w * q * q)
 
 
-def round_levels(xval: np.ndarray, iscale: np.ndarray) -> np.ndarray:
-    """``clamp(nearest_int(0.5·(id·x − 1)), 0, 2)``."""
+def round_levels(xval: np.ndarray, iscale: np.ndarray, top: int) -> np.ndarray:
+    """``clamp(nearest_int(0.5·(id·x − 1)), 0, top)``."""
     with np.errstate(over="ignore", invalid="ignore"):
-        return np.clip(nearest_int(F32(0.5) * (iscale * xval - F32(1))), 0, 2)
+        return np.clip(nearest_int(F32(0.5) * (iscale * xval - F32(1))), 0, top)
 
 
 class _IQ2(GGMLType):
-    """Shared search of the three IQ2 types; subclasses set the knobs and the bit layout."""
+    """Shared lattice search of the IQ2 types and IQ3_S; subclasses set the knobs and the bit layout."""
 
     sub: ClassVar[int]  # weights per sub-block (one 4-bit scale)
     parity: ClassVar[bool]  # signs stored with 7 bits: flip the least important one to even parity
     eps: ClassVar[float]
     doubled_sigma: ClassVar[bool]
+    center: ClassVar[int] = 5  # candidate inverse scales (center + step·k)/max, k = -9‥9
+    step: ClassVar[float] = 0.1
+    ongrid_start: ClassVar[bool] = True  # C's is_on_grid before the first accepted candidate
     requires_imatrix = True
 
     @classmethod
+    def _weights(cls, x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+        """Per-weight importance, position-major (sub, G)."""
+        s = cls.sub
+        if qw is None:  # only IQ2_S has a reference path
+            s2 = np.broadcast_to(sigma2(x, doubled=True).reshape(x.shape[0], x.shape[1], 1), x.shape)
+            return position_major(F32(0.25) * s2 + x * x, s)
+        return sub_weights(x, qw, sigma2(x, doubled=cls.doubled_sigma), s)
+
+    @classmethod
     def _search(cls, x: np.ndarray, qw: np.ndarray | None):
-        """Per sub-block: scale (G,), levels (S, G), group signs (S/8, G), group grid index (S/8, G)."""
+        """Per sub-block: scale (G,), levels (S, G), group signs (S/8, G), group grid index (S/group, G)."""
         cb = codebook(cls.name)
         s = cls.sub
         g = position_major(x, s)
-        if qw is None:  # only IQ2_S has a reference path
-            s2 = np.broadcast_to(sigma2(x, doubled=True).reshape(x.shape[0], x.shape[1], 1), x.shape)
-            w = position_major(F32(0.25) * s2 + x * x, s)
-        else:
-            w = sub_weights(x, qw, sigma2(x, doubled=cls.doubled_sigma), s)
+        w = cls._weights(x, qw)
         waux = np.sqrt(w)
         neg = ~(g >= 0)
         xval = np.where(neg, -g, g)
@@ -173,8 +195,9 @@ class _IQ2(GGMLType):
         mx = xval.max(axis=0)
         live = ~(mx < F32(cls.eps))
         levels = np.zeros(g.shape, dtype=np.int32)
-        ongrid = np.ones(signs.shape, dtype=bool)
-        everywhere = np.ones(signs.shape, dtype=bool)
+        groups = (s // cb.group, g.shape[1])
+        ongrid = np.full(groups, cls.ongrid_start)
+        everywhere = np.ones(groups, dtype=bool)
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             if cls.parity and cls.sub == 32:  # IQ2_XXS: start from make_qp_quants' scale
                 scale, _ = make_qp_quants(xval, 4, w)
@@ -183,13 +206,14 @@ class _IQ2(GGMLType):
                 tries = range(-6, 7)
             else:
                 base = mx
-                scale = mx / F32(5)
+                scale = mx / F32(cls.center)
                 tries = range(-9, 10)
             base = np.where(live, base, F32(1))
             best = np.zeros_like(scale)
             for step in tries:
-                iscale = (F32(5) + F32(step) * F32(0.1)) / base
-                trial, on = snap(cb, round_levels(xval, iscale), xval, waux, F32(1) / iscale, everywhere)
+                iscale = (F32(cls.center) + F32(step) * F32(cls.step)) / base
+                rounded = round_levels(xval, iscale, cb.top)
+                trial, on = snap(cb, rounded, xval, waux, F32(1) / iscale, everywhere)
                 sumqx, sumq2 = qsums(w, xval, trial)
                 better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
                 scale = np.where(better, sumqx / np.where(better, sumq2, F32(1)), scale)
@@ -200,7 +224,7 @@ class _IQ2(GGMLType):
         flip = scale < 0
         scale = np.where(flip, -scale, scale)
         signs = np.where(flip, ~signs & (127 if cls.parity else 255), signs)
-        idx = cb.kmap[group_keys(levels)]
+        idx = cb.kmap[group_keys(cb, levels)]
         if np.any(live & (idx < 0).any(axis=0)):
             raise RuntimeError(f"{cls.name}: a group ended off the grid (llama.cpp aborts here too)")
         scale = np.where(live, scale, F32(0))
@@ -208,16 +232,20 @@ class _IQ2(GGMLType):
         return scale, np.where(dead, 0, signs), np.where(dead, 0, np.maximum(idx, 0))
 
     @classmethod
-    def _refine(cls, cb, levels, xval, waux, w, scale, ongrid):
-        """Re-round with the best scale (XXS: all groups; XS/S: the groups that were off the grid)."""
+    def _refine_groups(cls, ongrid: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        """Which groups the best scale re-rounds (XXS: all; XS/S: those off the grid)."""
         if cls.sub == 32:
-            todo = np.broadcast_to(scale > 0, ongrid.shape)
-        else:
-            todo = ~ongrid & (~ongrid).any(axis=0) & (scale > 0)
+            return np.broadcast_to(scale > 0, ongrid.shape)
+        return ~ongrid & (~ongrid).any(axis=0) & (scale > 0)
+
+    @classmethod
+    def _refine(cls, cb, levels, xval, waux, w, scale, ongrid):
+        """Re-round with the best scale the groups :meth:`_refine_groups` picks; refit the scale."""
+        todo = cls._refine_groups(ongrid, scale)
         do = todo.any(axis=0)
         safe = np.where(do, scale, F32(1))
-        fresh = round_levels(xval, F32(1) / safe)
-        rounded = np.where(np.repeat(todo, 8, axis=0), fresh, levels)
+        fresh = round_levels(xval, F32(1) / safe, cb.top)
+        rounded = np.where(np.repeat(todo, cb.group, axis=0), fresh, levels)
         new, _ = snap(cb, rounded, xval, waux, safe, todo)
         sumqx, sumq2 = qsums(w, xval, new)
         upd = do & (sumq2 > 0)

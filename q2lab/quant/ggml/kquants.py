@@ -179,14 +179,15 @@ class Q3_K(GGMLType):
             scales, levels = make_qx_quants(g, 4, w)
             d, l6 = make_qx_quants(scales_pm(scales, 16), 32, sw)
         dj = (fp16_round(d) * (l6 - 32).astype(F32)).T.reshape(-1)
-        levels = requantize(g, levels, dj, None, -4, 3)
-        levels = group_major(np.where(dj != 0, levels + 4, levels)).reshape(-1, QK_K)
-        high = levels > 3
-        hmask = np.packbits(high.reshape(-1, 8, 32), axis=1, bitorder="little").reshape(-1, 32)
-        low = np.where(high, levels - 4, levels)
+        levels = requantize(g, levels, dj, None, -4, 3) + ((dj != 0).astype(np.int32) << 2)
+        levels = group_major(levels.astype(np.uint8)).reshape(-1, 8, 32)  # 0‥7
+        high = levels >> 2  # bit 2 → hmask bit j of byte l holds level 32j + l
+        hmask = high[:, 0] | (high[:, 1] << 1)
+        for j in range(2, 8):
+            hmask |= high[:, j] << j
         parts = {
             "hmask": hmask,
-            "qs": pack_2bit(low),
+            "qs": pack_2bit((levels & 3).reshape(-1, QK_K)),
             "scales": pack_scales_q3(group_major(l6)),
             "d": fp16_bytes(d),
         }

@@ -6,8 +6,7 @@ and falls back to a 32-block type whenever a row length is not a multiple of 256
 reproduces those rules (``llama_tensor_get_type`` in llama.cpp's ``llama-quant.cpp``) for dense
 decoder models, so a q2lab GGUF export has the same per-tensor types as llama.cpp's file, and
 reports the resulting bits per weight per tensor — on SmolLM2 (rows of 576) "Q2_K" is mostly
-Q4_0 and "IQ2_XXS" mostly IQ4_NL.  Not reproduced: MoE/Falcon/70B special cases and the file
-types that need IQ3 types (IQ2_S, IQ2_M), which raise a clear error.
+Q4_0 and "IQ2_XXS" mostly IQ4_NL.  Not reproduced: MoE/Falcon/70B special cases.
 """
 
 from __future__ import annotations
@@ -39,20 +38,24 @@ DEFAULT_TYPE: dict[str, str] = {
     "Q6_K": "Q6_K",
     "IQ2_XXS": "IQ2_XXS",
     "IQ2_XS": "IQ2_XS",
+    "IQ2_S": "IQ2_XS",
+    "IQ2_M": "IQ2_S",
     "IQ4_NL": "IQ4_NL",
 }
-UNSUPPORTED = {"IQ2_S": "IQ3_S", "IQ2_M": "IQ3_S"}  # file types whose recipe needs a type we lack
+UNSUPPORTED: dict[str, str] = {}  # file type → the GGML type its recipe needs and q2lab lacks
 FALLBACK = {
     "IQ2_XXS": "IQ4_NL",
     "IQ2_XS": "IQ4_NL",
     "IQ2_S": "IQ4_NL",
+    "IQ3_S": "IQ4_NL",
     "Q2_K": "Q4_0",
     "Q3_K": "Q4_0",
     "Q4_K": "Q5_0",
     "Q5_K": "Q5_1",
     "Q6_K": "Q8_0",
 }
-_IQ2_FILES = ("IQ2_XXS", "IQ2_XS")
+_IQ2_FILES = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M")
+_IQ3_BUMPED = ("IQ2_S", "IQ2_M")  # their bumped tensors get IQ3_S where IQ2_XXS/XS files use Q2_K
 _NOT_QUANTIZED = ("_norm.weight", "ffn_gate_inp.weight", "altup", "laurel", "per_layer_model_proj")
 
 
@@ -209,13 +212,16 @@ def _rule(ft, new, cat, ncols, tied, n_gqa, counters, n_attn_v, n_layer, has_ima
         if ft in _IQ2_FILES:
             return "Q5_K", "output of an IQ2 file"
         return (new, "") if new == "Q8_0" else ("Q6_K", "output")
+    bumped = "IQ3_S" if ft in _IQ3_BUMPED else "Q2_K"
     if cat == "token_embd":
-        return ("Q2_K", "token embeddings of an IQ2 file") if ft in _IQ2_FILES else (new, "")
+        return (bumped, "token embeddings of an IQ2 file") if ft in _IQ2_FILES else (new, "")
     if ft in _IQ2_FILES:
         if cat == "attn_v":
-            return ("Q4_K" if n_gqa >= 4 else "Q2_K"), "attention V of an IQ2 file"
+            return ("Q4_K" if n_gqa >= 4 else bumped), "attention V of an IQ2 file"
         if cat == "ffn_down" and counters["ffn_down"] < n_layer // 8:
-            return "Q2_K", "first eighth of ffn_down"
+            return bumped, "first eighth of ffn_down"
+        if cat == "attn_output" and ft in _IQ3_BUMPED:
+            return "IQ3_S", "attention output of an IQ2_S/IQ2_M file"
         return new, ""
     if cat == "attn_v":
         i = counters["attn_v"]

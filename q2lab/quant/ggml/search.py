@@ -18,6 +18,7 @@ import functools
 import numpy as np
 
 from q2lab.quant.ggml.fp import (
+    _MAGIC,
     F32,
     first_max,
     first_max_abs,
@@ -210,18 +211,10 @@ def _descent(x, w, wx, lv, sumlx, suml2, lo, hi, *, qp: bool):
                 xs, ws, wxs, lvs = x[:, act], w[:, act], wx[:, act], lv[:, act]
                 slx_all, sl2_all = sumlx[act], suml2[act]
             changed = np.zeros(len(act), dtype=bool)
+            buf = _Buffers(len(act))
             for i in range(n):
                 wi, xi, wxi, lvi = ws[i], xs[i], wxs[i], lvs[i]
-                li = lvi.astype(F32)
-                slx = slx_all - wxi * li
-                sl2 = sl2_all - wi * li * li
-                ok = (slx > 0) & (sl2 > 0) if qp else slx > 0
-                new_l = nearest_int(xi * sl2 / np.where(ok, slx, F32(1)))
-                if lo is not None:
-                    np.maximum(new_l, lo, out=new_l)
-                np.minimum(new_l, hi, out=new_l)
-                # only the groups whose level would move are worth the rest: usually a few percent
-                c = np.nonzero(ok & (new_l != lvi))[0]
+                new_l, slx, sl2, c = buf.candidates(xi, wi, wxi, lvi, slx_all, sl2_all, lo, hi, qp)
                 if not c.size:
                     continue
                 nl, nlf = new_l[c], new_l[c].astype(F32)
@@ -244,6 +237,45 @@ def _descent(x, w, wx, lv, sumlx, suml2, lo, hi, *, qp: bool):
             if not act.size:
                 break
     return lv, sumlx, suml2
+
+
+class _Buffers:
+    """Scratch vectors of one descent pass: the per-position step runs in place, allocation-free.
+
+    The arithmetic is C's, operation for operation (same float32 results as the plain
+    expressions ``slx = Σ − wx·l``, ``sl2 = Σ − w·l·l``, ``nearest_int(x·sl2/slx)``).
+    """
+
+    def __init__(self, g: int) -> None:
+        self.li, self.slx, self.sl2, self.t = (np.empty(g, dtype=F32) for _ in range(4))
+        self.ok, self.cand = np.empty(g, dtype=bool), np.empty(g, dtype=bool)
+        self.q = np.empty(g, dtype=np.int32)
+
+    def candidates(self, xi, wi, wxi, lvi, slx_all, sl2_all, lo, hi, qp):
+        """Re-solved level of every group at this position, the sums without it, and the movers."""
+        li, slx, sl2, t, ok, q = self.li, self.slx, self.sl2, self.t, self.ok, self.q
+        np.copyto(li, lvi, casting="unsafe")
+        np.multiply(wxi, li, out=t)
+        np.subtract(slx_all, t, out=slx)
+        np.multiply(wi, li, out=t)
+        t *= li
+        np.subtract(sl2_all, t, out=sl2)
+        np.greater(slx, F32(0), out=ok)
+        if qp:
+            ok &= sl2 > 0
+        np.multiply(xi, sl2, out=li)
+        np.divide(li, slx, out=t)  # where slx ≤ 0 the quotient is junk, but those are masked by ok
+        t += _MAGIC  # nearest_int, in place
+        iv = t.view(np.int32)
+        np.bitwise_and(iv, 0x007FFFFF, out=q)
+        q -= 0x00400000
+        if lo is not None:
+            np.clip(q, lo, hi, out=q)
+        else:
+            np.minimum(q, hi, out=q)
+        np.not_equal(q, lvi, out=self.cand)
+        self.cand &= ok
+        return q, slx, sl2, np.flatnonzero(self.cand)
 
 
 def best_index_int8(values: np.ndarray, x: np.ndarray) -> np.ndarray:

@@ -150,7 +150,7 @@ def type_names() -> list[str]:
 
 
 def _load_types() -> None:
-    from q2lab.quant.ggml import iq2, kquants, legacy  # noqa: F401
+    from q2lab.quant.ggml import iq2, iq3, kquants, legacy  # noqa: F401
 
 
 # ---------------------------------------------------------------------- packing helpers
