@@ -16,9 +16,10 @@ import argparse
 import json
 import os
 import platform
-import time
 
 import numpy as np
+
+from q2lab.utils.timing import best_of
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -45,15 +46,6 @@ def matrices(quick: bool) -> list[np.ndarray]:
         rng = np.random.default_rng(0)
         shapes = [(576, 512), (192, 512), (1536, 512), (576, 1536)] * layers
         return [(rng.standard_t(5, s) * 0.02).astype(np.float32) for s in shapes]
-
-
-def best_of(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main() -> None:

@@ -13,20 +13,11 @@ the orthogonality error of the fast transform (‖ H(H⁻¹x) − x ‖∞).
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 from q2lab.transforms.hadamard import factor, hadamard_matrix, hadamard_transform
-
-
-def best_time(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+from q2lab.utils.timing import best_of
 
 
 def main() -> None:
@@ -43,8 +34,8 @@ def main() -> None:
         x = torch.randn(args.rows, n, generator=torch.Generator().manual_seed(n))
         dense_t = hadamard_matrix(n, dtype=torch.float32).T.contiguous()
         hadamard_transform(x[:2])  # build the small digit matrices outside the timing
-        t_fast = best_time(lambda x=x: hadamard_transform(x), args.repeat)
-        t_dense = best_time(lambda x=x, d=dense_t: x @ d, args.repeat)
+        t_fast = best_of(lambda x=x: hadamard_transform(x), args.repeat)
+        t_dense = best_of(lambda x=x, d=dense_t: x @ d, args.repeat)
         diff = float((hadamard_transform(x) - x @ dense_t).abs().max())
         orth = float((hadamard_transform(hadamard_transform(x), inverse=True) - x).abs().max())
         ratio = f"{t_dense / t_fast:.1f}x"
