@@ -222,6 +222,29 @@ class Quantizer(ABC):
             )
 
 
+class StackedQuantizer(Quantizer):
+    """A Hessian method whose unit of work is a stack of linears reading one input (q/k/v,
+    gate/up): rows are independent given H, so one stacked run is exact and shares the Hessian
+    factorisation.  Subclasses implement :meth:`quantize_stack`; inputs are checked here once."""
+
+    def quantize(self, weight: torch.Tensor, hessian: Hessian | None, cfg: MethodConfig) -> QuantizedTensor:
+        return self.quantize_many([weight], hessian, cfg)[0]
+
+    def quantize_many(
+        self, weights: list[torch.Tensor], hessian: Hessian | None, cfg: MethodConfig
+    ) -> list[QuantizedTensor]:
+        for w in weights:
+            self.check_inputs(w, hessian)
+        assert hessian is not None  # check_inputs raised for a Hessian method without one
+        return self.quantize_stack(weights, hessian, cfg)
+
+    @abstractmethod
+    def quantize_stack(
+        self, weights: list[torch.Tensor], hessian: Hessian, cfg: MethodConfig
+    ) -> list[QuantizedTensor]:
+        """Quantize checked weights that share ``hessian``."""
+
+
 _REGISTRY: dict[str, type[Quantizer]] = {}
 _ALIASES: dict[str, str] = {}
 

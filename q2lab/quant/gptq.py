@@ -22,7 +22,7 @@ import torch
 from q2lab.calib.hessian import Hessian
 from q2lab.errors import ConfigError
 from q2lab.quant import uniform
-from q2lab.quant.base import QuantizedTensor, Quantizer, option, register
+from q2lab.quant.base import QuantizedTensor, StackedQuantizer, option, register
 from q2lab.quant.rtn import UniformConfig
 
 
@@ -138,19 +138,13 @@ def gptq_quantize(
 
 
 @register()
-class GPTQ(Quantizer):
+class GPTQ(StackedQuantizer):
     name = "gptq"
     config_cls = GPTQConfig
     needs_hessian = True
     summary = "GPTQ: Hessian error feedback over a uniform grid (act-order, groups, lazy batches)"
 
-    def quantize(self, weight, hessian, cfg: GPTQConfig) -> QuantizedTensor:
-        return self.quantize_many([weight], hessian, cfg)[0]
-
-    def quantize_many(self, weights, hessian, cfg: GPTQConfig) -> list[QuantizedTensor]:
-        for w in weights:
-            self.check_inputs(w, hessian)
-        assert hessian is not None
+    def quantize_stack(self, weights, hessian, cfg: GPTQConfig) -> list[QuantizedTensor]:
         stacked = weights[0] if len(weights) == 1 else torch.cat([w.float() for w in weights])
         codes, scales, zeros, perm, layout = gptq_quantize(stacked, hessian, cfg)
         return uniform.encode_rows(

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from q2lab.calib.hessian import Hessian
 from q2lab.codebooks import e8p
 from q2lab.errors import ConfigError, ShapeError
-from q2lab.quant.base import MethodConfig, QuantizedTensor, Quantizer, option, register
+from q2lab.quant.base import MethodConfig, QuantizedTensor, StackedQuantizer, option, register
 from q2lab.quant.gptq import prepare_hessian
 from q2lab.quant.ldlq import cholesky_factor, ldlq
 from q2lab.quant.linear import QuantLinear
@@ -230,19 +230,13 @@ def decode_rows(qt: QuantizedTensor, r0: int = 0, r1: int | None = None) -> torc
 
 
 @register("quip")
-class Quip(Quantizer):
+class Quip(StackedQuantizer):
     name = "quip#"
     config_cls = QuipConfig
     needs_hessian = True
     summary = "QuIP#: random Hadamard incoherence + E8P12 lattice codebook + BlockLDLQ (2/3/4-bit RVQ)"
 
-    def quantize(self, weight, hessian, cfg: QuipConfig) -> QuantizedTensor:
-        return self.quantize_many([weight], hessian, cfg)[0]
-
-    def quantize_many(self, weights, hessian, cfg: QuipConfig) -> list[QuantizedTensor]:
-        for w in weights:
-            self.check_inputs(w, hessian)
-        assert hessian is not None
+    def quantize_stack(self, weights, hessian, cfg: QuipConfig) -> list[QuantizedTensor]:
         return quip_quantize(weights, hessian, cfg)
 
     def dequantize(self, qt: QuantizedTensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from q2lab.errors import ConfigError, ShapeError
-from q2lab.quant.base import MethodConfig, QuantizedTensor, Quantizer, option, register
+from q2lab.quant.base import MethodConfig, QuantizedTensor, StackedQuantizer, option, register
 from q2lab.quant.gptq import prepare_hessian
 from q2lab.quant.ldlq import cholesky_factor, ldlq
 from q2lab.quant.packing import pack_bits, unpack_bits
@@ -101,22 +101,17 @@ def _table(code: str, L: int, seed: int, lut: torch.Tensor | None) -> torch.Tens
 
 
 @register()
-class QTIP(Quantizer):
+class QTIP(StackedQuantizer):
     name = "qtip"
     config_cls = QTIPConfig
     needs_hessian = True
     summary = "QTIP: RHT incoherence + BlockLDLQ with a tail-biting bitshift trellis (1MAD/3INST/HYB)"
 
-    def quantize(self, weight, hessian, cfg: QTIPConfig) -> QuantizedTensor:
-        return self.quantize_many([weight], hessian, cfg)[0]
-
-    def quantize_many(self, weights, hessian, cfg: QTIPConfig) -> list[QuantizedTensor]:
+    def quantize_stack(self, weights, hessian, cfg: QTIPConfig) -> list[QuantizedTensor]:
         """Linears sharing an input share V and H̃; their rows are stacked for one LDLQ run
         (rows are independent given H̃, so this is exact), each with its own U and scale."""
         for w in weights:
-            self.check_inputs(w, hessian)
             _check_shape(tuple(w.shape), cfg)
-        assert hessian is not None
         n = weights[0].shape[1]
         h, _ = prepare_hessian(hessian, weights[0])
         dead = torch.diagonal(hessian.xtx) == 0
