@@ -59,6 +59,11 @@ def open_store(loaded: LoadedModel, calib: str | Path, spec: CalibSpec) -> Hessi
     return _calibrate(loaded, spec, root=path)
 
 
+def _hessians(loaded: LoadedModel, calib: str | Path | None, spec: CalibSpec) -> HessianStore:
+    """The store at ``calib`` (checked against the model), else calibrate (reusing a cached one)."""
+    return open_store(loaded, calib, spec) if calib else _calibrate(loaded, spec)
+
+
 def quantize(
     model: str | LoadedModel,
     method: str,
@@ -76,8 +81,7 @@ def quantize(
     loaded = _as_loaded(model)
     store = None
     if get_quantizer(method).uses_hessian(cfg):
-        spec = CalibSpec(corpus, windows, ctx, seed)
-        store = open_store(loaded, calib, spec) if calib else _calibrate(loaded, spec)
+        store = _hessians(loaded, calib, CalibSpec(corpus, windows, ctx, seed))
     report = quantize_model(loaded.model, method, cfg, store)
     summary = report.to_dict(per_layer=True)
     if store is not None:
@@ -136,8 +140,7 @@ def export(
     loaded = _as_loaded(model)
     matrix = None
     if imatrix is not None and str(imatrix) == "auto":
-        spec = CalibSpec(corpus, windows, ctx, seed)
-        store = open_store(loaded, calib, spec) if calib else _calibrate(loaded, spec)
+        store = _hessians(loaded, calib, CalibSpec(corpus, windows, ctx, seed))
         matrix = im.from_store(store, imatrix_names(gguf_tensors(loaded.model)))
     elif imatrix is not None:
         matrix = im.read_imatrix(imatrix)

@@ -47,6 +47,17 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def _calib_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The calibration options shared by `quantize` and `export` (same flags, same store)."""
+    return {
+        "calib": args.calib,
+        "corpus": args.corpus,
+        "windows": args.windows,
+        "ctx": args.ctx,
+        "seed": args.seed,
+    }
+
+
 def cmd_quantize(args) -> int:
     from q2lab import api
 
@@ -60,11 +71,7 @@ def cmd_quantize(args) -> int:
         args.method,
         options,
         out=args.out,
-        calib=args.calib,
-        corpus=args.corpus,
-        windows=args.windows,
-        ctx=args.ctx,
-        seed=args.seed,
+        **_calib_kwargs(args),
     )
     summary = {k: v for k, v in report.items() if k != "layers"}
     print(json.dumps({"out": str(args.out), **summary}, indent=2, default=str))
@@ -138,11 +145,7 @@ def cmd_export(args) -> int:
         type=args.type,
         imatrix=args.imatrix,
         save_imatrix=args.save_imatrix,
-        calib=args.calib,
-        corpus=args.corpus,
-        windows=args.windows,
-        ctx=args.ctx,
-        seed=args.seed,
+        **_calib_kwargs(args),
     )
     if args.report:
         from q2lab.utils.io import write_json_atomic
