@@ -75,3 +75,12 @@ class FinetuneConfig:
 def finetune_of(cfg: Any) -> FinetuneConfig | None:
     """The parsed ``finetune`` section of a method config (``None`` when absent or off)."""
     return FinetuneConfig.parse(getattr(cfg, "finetune", None))
+
+
+def drop_off_finetune(options: dict[str, Any]) -> dict[str, Any]:
+    """A method config's dict without ``finetune`` when it is off, so configs (and the study
+    cell ids hashed from them) of runs without fine-tuning are what they were before the
+    option existed."""
+    if options.get("finetune") is None:
+        options.pop("finetune", None)
+    return options

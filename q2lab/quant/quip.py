@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from q2lab.calib.hessian import Hessian
 from q2lab.codebooks import e8p
 from q2lab.errors import ConfigError, ShapeError
-from q2lab.finetune.config import FinetuneConfig
+from q2lab.finetune.config import FinetuneConfig, drop_off_finetune
 from q2lab.finetune.relax import stored_rht
 from q2lab.quant.base import MethodConfig, QuantizedTensor, Quantizer, option, register
 from q2lab.quant.gptq import prepare_hessian
@@ -70,6 +70,9 @@ class QuipConfig(MethodConfig):
     )
 
     BITS_RANGE = (2, 4)
+
+    def to_dict(self) -> dict:
+        return drop_off_finetune(super().to_dict())
 
     def validate(self) -> None:
         super().validate()

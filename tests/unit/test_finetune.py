@@ -141,3 +141,25 @@ def test_clear_errors(setup):
     lm = make_tiny_model("llama")
     with pytest.raises(ConfigError, match="windows"):
         quantize_model(lm.model, "quip#", make_config("quip#", {"finetune": {}}), store)
+
+
+def test_study_sweeps_with_and_without_finetuning_and_keeps_old_cell_ids():
+    from q2lab.study.config import parse_study
+
+    def cells(entry):
+        raw = {
+            "name": "t",
+            "models": ["m"],
+            "calibration": {"corpus": "wikitext2", "windows": 4, "ctx": 32, "seed": 0},
+            "methods": [entry],
+            "tasks": ["ppl:wikitext2"],
+        }
+        return parse_study(raw).cells
+
+    plain = cells({"method": "quip#", "bits": 2})
+    swept = cells({"method": "quip#", "bits": 2, "finetune": [None, {"block_epochs": 1}]})
+    assert swept[0].id == plain[0].id  # off = the config as before the option existed
+    assert len({c.id for c in swept}) == 2
+    assert swept[1].config.to_dict()["finetune"] == {"block_epochs": 1}
+    with pytest.raises(ConfigError, match="lr"):
+        cells({"method": "qtip", "finetune": {"lr": -1}})

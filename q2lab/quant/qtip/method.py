@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from q2lab.errors import ConfigError, ShapeError
-from q2lab.finetune.config import FinetuneConfig
+from q2lab.finetune.config import FinetuneConfig, drop_off_finetune
 from q2lab.finetune.relax import stored_rht
 from q2lab.quant.base import MethodConfig, QuantizedTensor, Quantizer, option, register
 from q2lab.quant.gptq import prepare_hessian
@@ -72,6 +72,9 @@ class QTIPConfig(MethodConfig):
     )
 
     BITS_RANGE = (1, 4)
+
+    def to_dict(self) -> dict:
+        return drop_off_finetune(super().to_dict())
 
     def validate(self) -> None:
         super().validate()
