@@ -16,6 +16,8 @@ signs) and ``scale``, and decodes through :func:`stored_rht`, can be fine-tuned.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -87,10 +89,16 @@ class TunableLinear(nn.Module):
         return get_quantizer(qt.method).make_linear(new, self.bias, cache_weight=self.cache_weight)
 
 
-def relax(root: nn.Module, gains: bool) -> list[nn.Parameter]:
-    """Swap every tunable quantized linear under ``root`` for a :class:`TunableLinear` and make
-    the other float parameters (norm weights) trainable; returns the trainable parameters.
-    Linear biases and embeddings are left as they are."""
+@contextmanager
+def relaxed(root: nn.Module, gains: bool) -> Iterator[list[nn.Parameter]]:
+    """Within the block: every tunable quantized linear under ``root`` is a
+    :class:`TunableLinear` and the norm weights are trainable; every other parameter
+    (embeddings, lm_head, biases) is frozen, so backward passes compute only what is tuned.
+    Yields the trainable parameters; on exit the linears are written back in their stored
+    format and every parameter's ``requires_grad`` is restored."""
+    flags = [(p, p.requires_grad) for p in root.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
     params: list[nn.Parameter] = []
     for name, mod in list(root.named_modules()):
         if tunable(mod):
@@ -102,18 +110,15 @@ def relax(root: nn.Module, gains: bool) -> list[nn.Parameter]:
             for p in mod.parameters(recurse=False):
                 p.requires_grad_(True)
                 params.append(p)
-    return params
-
-
-def harden(root: nn.Module) -> None:
-    """Write every :class:`TunableLinear` under ``root`` back as its quantized layer."""
-    for mod in root.modules():
-        if _is_norm(mod):
-            for p in mod.parameters(recurse=False):
-                p.requires_grad_(False)
-    for name, mod in list(root.named_modules()):
-        if isinstance(mod, TunableLinear):
-            root.set_submodule(name, mod.harden())
+    try:
+        yield params
+    finally:
+        for name, mod in list(root.named_modules()):
+            if isinstance(mod, TunableLinear):
+                root.set_submodule(name, mod.harden())
+        for p, flag in flags:
+            p.grad = None
+            p.requires_grad_(flag)
 
 
 def _is_norm(mod: nn.Module) -> bool:

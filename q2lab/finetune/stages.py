@@ -31,7 +31,7 @@ from q2lab.calib.capture import (
     capture_block_inputs,
 )
 from q2lab.finetune.config import FinetuneConfig
-from q2lab.finetune.relax import harden, relax
+from q2lab.finetune.relax import relaxed
 from q2lab.finetune.train import fit, topk_kl
 from q2lab.models.arch import find_decoder
 from q2lab.utils.progress import progress
@@ -98,24 +98,23 @@ class FinetuneRun:
         if not self.ft.block_epochs:
             return
         block = self.layout.layers[b]
-        params = relax(block, self.ft.gains)
 
         def loss_of(i: int) -> torch.Tensor:
             y = self.targets.read(i, self.device)
             err = self._run_block(b, self.inputs.read(i, self.device)) - y
             return err.square().mean() / y.square().mean()
 
-        before, after = fit(
-            params,
-            loss_of,
-            self.train_ids,
-            self.valid_ids,
-            self.ft.block_epochs,
-            self.ft.lr,
-            seed=b,
-            desc=f"finetune block {b}",
-        )
-        harden(block)
+        with relaxed(block, self.ft.gains) as params:
+            before, after = fit(
+                params,
+                loss_of,
+                self.train_ids,
+                self.valid_ids,
+                self.ft.block_epochs,
+                self.ft.lr,
+                seed=b,
+                desc=f"finetune block {b}",
+            )
         self.stats["blocks"].append(
             {"block": b, "valid_rel_mse_before": before, "valid_rel_mse_after": after}
         )
@@ -136,21 +135,20 @@ class FinetuneRun:
     def _end_to_end(self) -> None:
         assert self.teacher is not None
         teacher = self.teacher
-        params = relax(self.model, self.ft.gains)
 
         def loss_of(i: int) -> torch.Tensor:
             logits = self.model(input_ids=self.windows[i : i + 1], use_cache=False).logits[0]
             return topk_kl(logits, *teacher.get(i, self.device))
 
-        before, after = fit(
-            params,
-            loss_of,
-            self.train_ids,
-            self.valid_ids,
-            self.ft.e2e_epochs,
-            self.ft.lr,
-            seed=10_000,
-            desc="finetune end-to-end",
-        )
-        harden(self.model)
+        with relaxed(self.model, self.ft.gains) as params:
+            before, after = fit(
+                params,
+                loss_of,
+                self.train_ids,
+                self.valid_ids,
+                self.ft.e2e_epochs,
+                self.ft.lr,
+                seed=10_000,
+                desc="finetune end-to-end",
+            )
         self.stats["e2e"] = {"valid_kl_before": before, "valid_kl_after": after}

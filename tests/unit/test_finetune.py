@@ -112,6 +112,12 @@ def test_finetuning_lowers_error_on_unseen_windows_and_counts_bits(setup, method
     extra = sum(16 * (lr.shape[0] + lr.shape[1]) for lr in rep0.layers)
     assert rep2.bits == rep0.bits + extra
     assert "finetune" in rep2.to_dict()
+    # only the continuous parameters of quantized layers and the norms move; the rest is frozen
+    fresh = make_tiny_model("llama").model
+    assert torch.equal(both.model.lm_head.weight, fresh.lm_head.weight)
+    assert torch.equal(both.model.model.embed_tokens.weight, fresh.model.embed_tokens.weight)
+    norms = [(n, p) for n, p in both.model.named_parameters() if "norm" in n]
+    assert any(not torch.equal(p, fresh.get_parameter(n)) for n, p in norms)
 
 
 def test_without_gains_bpw_is_unchanged_and_checkpoint_roundtrips(setup, tmp_path):
