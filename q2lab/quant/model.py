@@ -45,6 +45,7 @@ class QuantReport:
     seconds: float = 0.0
     float_params: int = 0
     notes: list[str] = field(default_factory=list)
+    finetune: dict[str, Any] | None = None  # statistics of the fine-tuning stages, when run
 
     @property
     def quantized_params(self) -> int:
@@ -72,6 +73,8 @@ class QuantReport:
             "notes": self.notes,
             "proxy_rel_mean": _mean([lr.proxy_rel for lr in self.layers]),
         }
+        if self.finetune is not None:
+            d["finetune"] = self.finetune
         if per_layer:
             d["layers"] = [dataclasses.asdict(lr) for lr in self.layers]
         return d
@@ -103,8 +106,12 @@ def quantize_model(
     *,
     skip: list[str] | None = None,
     cache_weight: bool = True,
+    windows: torch.Tensor | None = None,
 ) -> QuantReport:
-    """Quantize ``model``'s decoder linears in place with ``method``; returns the report."""
+    """Quantize ``model``'s decoder linears in place with ``method``; returns the report.
+
+    When ``cfg`` has a ``finetune`` section, ``windows`` (token ids, n × ctx; see
+    :func:`q2lab.finetune.finetune_windows`) feed the two fine-tuning stages."""
     quantizer = get_quantizer(method)
     if quantizer.uses_hessian(cfg) and store is None:
         raise ConfigError(
@@ -115,12 +122,20 @@ def quantize_model(
     layout = find_decoder(model)
     report = QuantReport(quantizer.name, cfg.to_dict())
     t_start = time.time()
+    tuner = _finetune_run(model, cfg, windows)
     for b in progress(range(len(layout)), f"quantize {quantizer.name}", len(layout), unit="block"):
         linears = {
             n: m for n, m in layout.block_linears(b).items() if _selected(layout.full_name(b, n), skip)
         }
+        if tuner is not None:
+            tuner.before_block(b)
         for group in _input_groups(layout, b, linears, store):
             _quantize_group(model, layout, b, group, linears, quantizer, cfg, store, report, cache_weight)
+        if tuner is not None:
+            tuner.after_block(b)
+    if tuner is not None:
+        report.finetune = tuner.finish()
+        _recount(model, report)
     report.seconds = time.time() - t_start
     quantized = {id(m) for m in model.modules() if isinstance(m, QuantLinear)}
     report.float_params = sum(
@@ -130,6 +145,29 @@ def quantize_model(
     if skip:
         report.notes.append(f"kept in float by skip patterns: {skip}")
     return report
+
+
+def _finetune_run(model: nn.Module, cfg: MethodConfig, windows: torch.Tensor | None):
+    """The fine-tuning driver when ``cfg`` asks for it (None otherwise)."""
+    from q2lab.finetune.config import finetune_of
+
+    ft = finetune_of(cfg)
+    if ft is None:
+        return None
+    if windows is None:
+        raise ConfigError(
+            "fine-tuning needs calibration windows; pass windows= (see q2lab.finetune.finetune_windows)"
+        )
+    from q2lab.finetune.stages import FinetuneRun
+
+    return FinetuneRun(model, ft, windows)
+
+
+def _recount(model: nn.Module, report: QuantReport) -> None:
+    """Layer bits after fine-tuning (tuned gains are stored and counted)."""
+    for lr in report.layers:
+        qt = model.get_submodule(lr.name).qtensor
+        lr.bits, lr.bpw = qt.bits(), qt.bpw()
 
 
 def _input_groups(

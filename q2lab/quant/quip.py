@@ -23,12 +23,12 @@ applies this on the fly, ``y = s · Uᵀ (C (V x))``: two fast Hadamard transfor
 codebook lookup over row chunks, never materializing the float matrix.
 
 Layers that read the same input (q/k/v, gate/up) share V, H̃ and its Cholesky factor and are
-rounded as one stacked matrix with one scale each (:meth:`Quip.quantize_many`).
+rounded as one stacked matrix with one scale each (:meth:`Quip.quantize_stack`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -37,11 +37,13 @@ import torch.nn.functional as F
 from q2lab.calib.hessian import Hessian
 from q2lab.codebooks import e8p
 from q2lab.errors import ConfigError, ShapeError
+from q2lab.finetune.config import FinetuneConfig, drop_off_finetune
+from q2lab.finetune.relax import stored_rht
 from q2lab.quant.base import MethodConfig, QuantizedTensor, StackedQuantizer, option, register
 from q2lab.quant.gptq import prepare_hessian
 from q2lab.quant.ldlq import cholesky_factor, ldlq
 from q2lab.quant.linear import QuantLinear
-from q2lab.transforms.hadamard import RHT, hadamard_transform, pack_signs, unpack_signs
+from q2lab.transforms.hadamard import RHT, hadamard_transform, pack_signs
 
 G = e8p.DIM
 
@@ -63,11 +65,18 @@ class QuipConfig(MethodConfig):
     scale_grid: int = option(5, "global-scale candidates searched (1 = the Gaussian-optimal scale only)")
     scale_span: float = option(0.2, "the candidates span c₀·(1 ± span/2)")
     search_rows: int = option(128, "rows sampled per search candidate (0 = all rows)")
+    finetune: Mapping | None = option(
+        None, "fine-tuning after rounding: {block_epochs, e2e_epochs, lr, windows, ...} (null = off)"
+    )
 
     BITS_RANGE = (2, 4)
 
+    def to_dict(self) -> dict:
+        return drop_off_finetune(super().to_dict())
+
     def validate(self) -> None:
         super().validate()
+        FinetuneConfig.parse(self.finetune)
         if not (isinstance(self.damp, (int, float)) and 0 <= self.damp < 1):
             raise ConfigError(f"damp must be in [0, 1), got {self.damp!r}")
         for name in ("block_size", "scale_grid"):
@@ -212,11 +221,8 @@ def _encode(codes: torch.Tensor, scale: float, rht: RHT, cfg: QuipConfig, c: flo
 
 
 def _unpack(qt: QuantizedTensor) -> tuple[RHT, float, list[torch.Tensor]]:
-    m, n = qt.shape
     t = qt.tensors
-    rht = RHT(
-        unpack_signs(t["s_out"], m).to(t["codes"].device), unpack_signs(t["s_in"], n).to(t["codes"].device)
-    )
+    rht = stored_rht(qt)
     codes = [t["codes"]] + ([t["codes2"]] if "codes2" in t else [])
     return rht, float(t["scale"][0]), codes
 

@@ -26,6 +26,7 @@ import torch
 from q2lab.calib.store import HessianStore, calibrate
 from q2lab.errors import Q2labError
 from q2lab.eval.tasks import Evaluator, TaskSpec
+from q2lab.finetune import finetune_windows
 from q2lab.models.loader import LoadedModel, load_model
 from q2lab.quant.model import quantize_model
 from q2lab.study.config import Cell, StudyConfig, load_study
@@ -134,7 +135,10 @@ class _CellContext:
         else:
             candidate = load_model(self.model_name, dtype=self.cfg.dtype)
             assert cell.config is not None
-            report = quantize_model(candidate.model, cell.method, cell.config, self.store, skip=self.cfg.skip)
+            windows = finetune_windows(candidate, self.store, cell.config)
+            report = quantize_model(
+                candidate.model, cell.method, cell.config, self.store, skip=self.cfg.skip, windows=windows
+            )
             qinfo = report.to_dict()
         t_quant = time.time() - t0
         self.evaluator.timings.clear()

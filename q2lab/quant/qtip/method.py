@@ -26,11 +26,14 @@ timing is in docs/DESIGN.md.  Pass ``L: 16`` on a GPU or for the best quality.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
 from q2lab.errors import ConfigError, ShapeError
+from q2lab.finetune.config import FinetuneConfig, drop_off_finetune
+from q2lab.finetune.relax import stored_rht
 from q2lab.quant.base import MethodConfig, QuantizedTensor, StackedQuantizer, option, register
 from q2lab.quant.gptq import prepare_hessian
 from q2lab.quant.ldlq import cholesky_factor, ldlq
@@ -38,7 +41,7 @@ from q2lab.quant.packing import pack_bits, unpack_bits
 from q2lab.quant.qtip.codes import CODES, code_dims, code_table, hyb, hyb_lut
 from q2lab.quant.qtip.trellis import Trellis
 from q2lab.quant.qtip.viterbi import DEFAULT_MAX_BYTES, decode, quantize_sequences
-from q2lab.transforms.hadamard import RHT, factor, pack_signs, unpack_signs
+from q2lab.transforms.hadamard import RHT, factor, pack_signs
 
 # Best global scale α for N(0, 1) data (the code quantizes α·x), measured with
 # benchmarks/qtip_rate_distortion.py (2 bits: 0.95 up to L = 12, 1.0 from L = 14; 3 and 4 bits:
@@ -64,11 +67,18 @@ class QTIPConfig(MethodConfig):
     seed: int = option(0, "seed of the RHT sign vectors (and of the gauss codebook)")
     tb_warmup: int | None = option(32, "tail-biting first pass: steps either side of the wrap (null = all)")
     max_mib: int = option(DEFAULT_MAX_BYTES >> 20, "memory bound of one Viterbi chunk (MiB)")
+    finetune: Mapping | None = option(
+        None, "fine-tuning after rounding: {block_epochs, e2e_epochs, lr, windows, ...} (null = off)"
+    )
 
     BITS_RANGE = (1, 4)
 
+    def to_dict(self) -> dict:
+        return drop_off_finetune(super().to_dict())
+
     def validate(self) -> None:
         super().validate()
+        FinetuneConfig.parse(self.finetune)
         if self.code not in CODES:
             raise ConfigError(f"code must be one of {', '.join(CODES)}, got {self.code!r}")
         Trellis(self.L, self.bits, code_dims(self.code))  # raises ConfigError on a bad L
@@ -160,7 +170,7 @@ class QTIP(StackedQuantizer):
         vals = decode(tr.states(seq), table, tr)  # (blocks, m/tx, tx·g)
         xt = vals.view(n // g, m, g).permute(1, 0, 2).reshape(m, n)
         xt = xt * qt.tensors["scale"].float()
-        rht = RHT(unpack_signs(qt.tensors["s_out"], m), unpack_signs(qt.tensors["s_in"], n))
+        rht = stored_rht(qt)
         return rht.unweight(xt)
 
 

@@ -1,0 +1,29 @@
+"""Fine-tuning of quantized models' continuous parameters (docs/DESIGN.md, "Fine-tuning").
+
+Stage 1 tunes each block after its linears are rounded; stage 2 (both in :mod:`.stages`)
+tunes the whole model against the float model's cached log-probs.  Both use the relaxation of
+:mod:`.relax`; the options are :class:`.config.FinetuneConfig`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def finetune_windows(loaded: Any, store: Any, cfg: Any) -> Any:
+    """Token windows for fine-tuning ``loaded`` with method config ``cfg``: ``finetune.windows``
+    windows drawn like the store's calibration windows (same corpus, random mode, seed and —
+    unless ``finetune.ctx`` says otherwise — ctx); None when fine-tuning is off."""
+    from q2lab.data.text import corpus_windows, load_corpus
+    from q2lab.errors import ConfigError
+    from q2lab.finetune.config import finetune_of
+
+    ft = finetune_of(cfg)
+    if ft is None:
+        return None
+    if store is None:
+        raise ConfigError("fine-tuning needs a calibration (its windows come from the calibration corpus)")
+    spec = store.describe()
+    corpus = load_corpus(spec["corpus"], role="calib")
+    ctx = ft.ctx or spec["ctx"]
+    return corpus_windows(loaded, corpus, ft.windows, ctx, mode="random", seed=spec["seed"])

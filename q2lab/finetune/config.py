@@ -1,0 +1,86 @@
+"""The ``finetune:`` option section shared by methods whose quantized layers keep continuous
+parameters (QuIP#, QTIP): validated once here, so every method spells it the same way."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from q2lab.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Options of the two fine-tuning stages (see :mod:`q2lab.finetune`)."""
+
+    block_epochs: int = 2  # stage 1: epochs of within-block tuning (0 = skip)
+    e2e_epochs: int = 1  # stage 2: epochs of end-to-end KL tuning (0 = skip)
+    lr: float = 1e-3  # Adam learning rate (both stages)
+    windows: int = 32  # calibration windows used (the first N of the store's windows)
+    ctx: int | None = None  # tokens per window (null = the calibration ctx)
+    valid: float = 0.25  # held-out fraction of the windows, for early stopping
+    gains: bool = True  # relax the sign vectors to fp16 gains (+16 bits per row and column, counted)
+    topk: int = 64  # stage 2: teacher log-probs cached as top-k + the tail mass
+
+    def __post_init__(self) -> None:
+        for name in ("block_epochs", "e2e_epochs"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ConfigError(f"finetune.{name} must be a non-negative integer, got {v!r}")
+        for name in ("windows", "topk"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"finetune.{name} must be a positive integer, got {v!r}")
+        if self.windows < 2:
+            raise ConfigError(f"finetune.windows must be at least 2 (train + held out), got {self.windows}")
+        if self.ctx is not None and (not isinstance(self.ctx, int) or self.ctx < 2):
+            raise ConfigError(f"finetune.ctx must be an integer ≥ 2 or null, got {self.ctx!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ConfigError(f"finetune.lr must be positive, got {self.lr!r}")
+        if not (isinstance(self.valid, (int, float)) and 0 < self.valid < 1):
+            raise ConfigError(f"finetune.valid must be in (0, 1), got {self.valid!r}")
+        if not isinstance(self.gains, bool):
+            raise ConfigError(f"finetune.gains must be true or false, got {self.gains!r}")
+
+    @classmethod
+    def parse(cls, value: Any) -> FinetuneConfig | None:
+        """``None``/``false``/``{}``-less spellings → off; a mapping → validated options."""
+        if value is None or value is False:
+            return None
+        if value is True:
+            return cls()
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"finetune must be a mapping of options or null, got {value!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown finetune option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        vals = dict(value)
+        if isinstance(vals.get("lr"), str):
+            try:
+                vals["lr"] = float(vals["lr"])
+            except ValueError as e:
+                raise ConfigError(f"finetune.lr must be a number, got {vals['lr']!r}") from e
+        return cls(**vals)
+
+    @property
+    def n_valid(self) -> int:
+        return min(self.windows - 1, max(1, round(self.windows * self.valid)))
+
+
+def finetune_of(cfg: Any) -> FinetuneConfig | None:
+    """The parsed ``finetune`` section of a method config (``None`` when absent or off)."""
+    return FinetuneConfig.parse(getattr(cfg, "finetune", None))
+
+
+def drop_off_finetune(options: dict[str, Any]) -> dict[str, Any]:
+    """A method config's dict without ``finetune`` when it is off, so configs (and the study
+    cell ids hashed from them) of runs without fine-tuning are what they were before the
+    option existed."""
+    if options.get("finetune") is None:
+        options.pop("finetune", None)
+    return options
