@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from q2lab.errors import ConfigError
+from q2lab.quant.base import option
 
 
 @dataclass(frozen=True)
@@ -84,3 +85,25 @@ def drop_off_finetune(options: dict[str, Any]) -> dict[str, Any]:
     if options.get("finetune") is None:
         options.pop("finetune", None)
     return options
+
+
+def finetune_option() -> Any:
+    """The ``finetune`` field of a method config: off by default."""
+    return option(
+        None, "fine-tuning after rounding: {block_epochs, e2e_epochs, lr, windows, ...}; null = off"
+    )
+
+
+class FinetuneOption:
+    """Mixin for method configs with a ``finetune`` field (declared with :func:`finetune_option`):
+    validates the section with the rest of the config and leaves it out of ``to_dict`` when off,
+    so every such method treats the option the same way."""
+
+    finetune: Mapping | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return drop_off_finetune(super().to_dict())  # type: ignore[misc]
+
+    def validate(self) -> None:
+        super().validate()  # type: ignore[misc]
+        FinetuneConfig.parse(self.finetune)

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from q2lab.calib.hessian import Hessian
 from q2lab.codebooks import e8p
 from q2lab.errors import ConfigError, ShapeError
-from q2lab.finetune.config import FinetuneConfig, drop_off_finetune
+from q2lab.finetune.config import FinetuneOption, finetune_option
 from q2lab.finetune.relax import stored_rht
 from q2lab.quant.base import MethodConfig, QuantizedTensor, StackedQuantizer, option, register
 from q2lab.quant.gptq import prepare_hessian
@@ -57,7 +57,7 @@ _VARIANTS: dict[int, tuple[str | None, float, float]] = {
 
 
 @dataclass
-class QuipConfig(MethodConfig):
+class QuipConfig(FinetuneOption, MethodConfig):
     bits: int = option(2, "2 (E8P12), 3 (E8P12 + 1-bit E8 residual) or 4 (E8P12 + E8P12 residual)")
     seed: int = option(0, "seed of the random Hadamard sign vectors (stored, so decoding needs no seed)")
     damp: float = option(0.01, "damping added to H's diagonal, as a fraction of its mean")
@@ -65,18 +65,12 @@ class QuipConfig(MethodConfig):
     scale_grid: int = option(5, "global-scale candidates searched (1 = the Gaussian-optimal scale only)")
     scale_span: float = option(0.2, "the candidates span c₀·(1 ± span/2)")
     search_rows: int = option(128, "rows sampled per search candidate (0 = all rows)")
-    finetune: Mapping | None = option(
-        None, "fine-tuning after rounding: {block_epochs, e2e_epochs, lr, windows, ...} (null = off)"
-    )
+    finetune: Mapping | None = finetune_option()
 
     BITS_RANGE = (2, 4)
 
-    def to_dict(self) -> dict:
-        return drop_off_finetune(super().to_dict())
-
     def validate(self) -> None:
         super().validate()
-        FinetuneConfig.parse(self.finetune)
         if not (isinstance(self.damp, (int, float)) and 0 <= self.damp < 1):
             raise ConfigError(f"damp must be in [0, 1), got {self.damp!r}")
         for name in ("block_size", "scale_grid"):

@@ -165,6 +165,20 @@ class _IQ2(GGMLType):
     requires_imatrix = True
 
     @classmethod
+    def _quantize(cls, x, qw):
+        """Lattice search, super-block scales, then the type's own bit layout (:meth:`_pack`)."""
+        r, nb, _ = x.shape
+        scale, signs, idx = cls._search(x, qw)
+        d, codes, max_scale = cls._super_scales(scale)
+        return join(cls._pack(x, idx, signs, d, codes, max_scale), cls.layout, (r, nb))
+
+    @classmethod
+    def _pack(cls, x, idx, signs, d, codes, max_scale) -> dict[str, np.ndarray]:
+        """Block fields (name → bytes per block) from grid indices, signs and scales (``x``: the
+        blocks, for types whose layout depends on them)."""
+        raise NotImplementedError
+
+    @classmethod
     def _weights(cls, x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
         """Per-weight importance, position-major (sub, G)."""
         s = cls.sub
@@ -292,17 +306,14 @@ class IQ2_XXS(_IQ2):
     reference_path = False
 
     @classmethod
-    def _quantize(cls, x, qw):
-        r, nb, _ = x.shape
-        scale, signs, idx = cls._search(x, qw)
-        d, codes, max_scale = cls._super_scales(scale)
+    def _pack(cls, x, idx, signs, d, codes, max_scale):
         idx, signs = idx.T.astype(np.uint32), signs.T.astype(np.uint32)  # (G, 4)
         w0 = idx[:, 0] | (idx[:, 1] << 8) | (idx[:, 2] << 16) | (idx[:, 3] << 24)
         w1 = signs[:, 0] | (signs[:, 1] << 7) | (signs[:, 2] << 14) | (signs[:, 3] << 21)
         w1 = w1 | (codes.T.reshape(-1).astype(np.uint32) << 28)
         qs = np.stack([w0, w1], axis=-1).reshape(-1, 16)
         qs = np.where((max_scale != 0)[:, None], qs, 0).astype("<u4")
-        return join({"d": fp16_bytes(d), "qs": qs.view(np.uint8)}, cls.layout, (r, nb))
+        return {"d": fp16_bytes(d), "qs": qs.view(np.uint8)}
 
     @classmethod
     def _fields(cls, blocks):
@@ -321,15 +332,11 @@ class IQ2_XS(_IQ2):
     reference_path = False
 
     @classmethod
-    def _quantize(cls, x, qw):
-        r, nb, _ = x.shape
-        scale, signs, idx = cls._search(x, qw)
-        d, codes, max_scale = cls._super_scales(scale)
+    def _pack(cls, x, idx, signs, d, codes, max_scale):
         q = (idx.T | (signs.T << 9)).astype("<u2").reshape(-1, 32)
         q = np.where((max_scale != 0)[:, None], q, 0).astype("<u2")
         c = codes.T.astype(np.uint8)  # (S, 16)
-        parts = {"d": fp16_bytes(d), "qs": q.view(np.uint8), "scales": c[:, 0::2] | (c[:, 1::2] << 4)}
-        return join(parts, cls.layout, (r, nb))
+        return {"d": fp16_bytes(d), "qs": q.view(np.uint8), "scales": c[:, 0::2] | (c[:, 1::2] << 4)}
 
     @classmethod
     def _fields(cls, blocks):
@@ -347,21 +354,17 @@ class IQ2_S(_IQ2):
     sub, parity, eps, doubled_sigma = 16, False, 1e-8, True
 
     @classmethod
-    def _quantize(cls, x, qw):
-        r, nb, _ = x.shape
-        scale, signs, idx = cls._search(x, qw)
-        d, codes, _ = cls._super_scales(scale)
+    def _pack(cls, x, idx, signs, d, codes, max_scale):
         idx = idx.T.reshape(-1, 32)
         hi = (idx >> 8).reshape(-1, 8, 4) << np.array([0, 2, 4, 6])
         c = codes.T.astype(np.uint8)
-        parts = {
+        return {
             "d": fp16_bytes(d * F32(0.9875)),
             "qs": (idx & 255).astype(np.uint8),
             "signs": signs.T.reshape(-1, 32).astype(np.uint8),
             "qh": hi.sum(axis=-1).astype(np.uint8),
             "scales": c[:, 0::2] | (c[:, 1::2] << 4),
         }
-        return join(parts, cls.layout, (r, nb))
 
     @classmethod
     def _fields(cls, blocks):

@@ -16,7 +16,7 @@ import numpy as np
 from q2lab.quant.ggml.fp import F32
 from q2lab.quant.ggml.iq2 import _IQ2, codebook
 from q2lab.quant.ggml.kquants import sigma2, sub_weights
-from q2lab.quant.ggml.types import QK_K, fp16_bytes, half, join, position_major, split
+from q2lab.quant.ggml.types import QK_K, fp16_bytes, half, position_major, split
 
 _SUBS = QK_K // 32  # sub-blocks per super-block
 
@@ -41,10 +41,7 @@ class IQ3_S(_IQ2):
         return np.broadcast_to((~ongrid).any(axis=0) & (scale > 0), ongrid.shape)
 
     @classmethod
-    def _quantize(cls, x, qw):
-        r, nb, _ = x.shape
-        scale, signs, idx = cls._search(x, qw)
-        d, codes, _ = cls._super_scales(scale)
+    def _pack(cls, x, idx, signs, d, codes, max_scale):
         dead = (position_major(np.abs(x), cls.sub).max(axis=0) == 0).reshape(-1, _SUBS)
         idx = idx.T.reshape(-1, _SUBS, 8)  # (S, sub-block, group)
         signs = signs.T.reshape(-1, _SUBS, 4)
@@ -56,14 +53,13 @@ class IQ3_S(_IQ2):
         qs = np.where(kept, np.take_along_axis(idx, order[..., None], axis=1), 0)
         sg = np.where(kept, np.take_along_axis(signs, order[..., None], axis=1), 0)
         c = codes.T.astype(np.uint8)
-        parts = {
+        return {
             "d": fp16_bytes(d * F32(1.033)),
             "qs": (qs & 255).reshape(-1, 64).astype(np.uint8),
             "qh": qh.astype(np.uint8),
             "signs": sg.reshape(-1, 32).astype(np.uint8),
             "scales": c[:, 0::2] | (c[:, 1::2] << 4),
         }
-        return join(parts, cls.layout, (r, nb))
 
     @classmethod
     def dequantize_blocks(cls, blocks):

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from q2lab.errors import ConfigError, ShapeError
-from q2lab.finetune.config import FinetuneConfig, drop_off_finetune
+from q2lab.finetune.config import FinetuneOption, finetune_option
 from q2lab.finetune.relax import stored_rht
 from q2lab.quant.base import MethodConfig, QuantizedTensor, StackedQuantizer, option, register
 from q2lab.quant.gptq import prepare_hessian
@@ -55,7 +55,7 @@ def _default_alpha(bits: int, L: int) -> float:
 
 
 @dataclass
-class QTIPConfig(MethodConfig):
+class QTIPConfig(FinetuneOption, MethodConfig):
     bits: int = option(2, "bits per weight k of the trellis (1..4)")
     L: int = option(8, "trellis state bits (paper: 16; 8 is the 2-core CPU default, see docs)")
     code: str = option("1mad", "trellis code: 1mad, 3inst (computed), hyb (V=2, small table), gauss")
@@ -67,18 +67,12 @@ class QTIPConfig(MethodConfig):
     seed: int = option(0, "seed of the RHT sign vectors (and of the gauss codebook)")
     tb_warmup: int | None = option(32, "tail-biting first pass: steps either side of the wrap (null = all)")
     max_mib: int = option(DEFAULT_MAX_BYTES >> 20, "memory bound of one Viterbi chunk (MiB)")
-    finetune: Mapping | None = option(
-        None, "fine-tuning after rounding: {block_epochs, e2e_epochs, lr, windows, ...} (null = off)"
-    )
+    finetune: Mapping | None = finetune_option()
 
     BITS_RANGE = (1, 4)
 
-    def to_dict(self) -> dict:
-        return drop_off_finetune(super().to_dict())
-
     def validate(self) -> None:
         super().validate()
-        FinetuneConfig.parse(self.finetune)
         if self.code not in CODES:
             raise ConfigError(f"code must be one of {', '.join(CODES)}, got {self.code!r}")
         Trellis(self.L, self.bits, code_dims(self.code))  # raises ConfigError on a bad L
