@@ -24,7 +24,7 @@ Label meanings that SOURCES.md marks as unverified were checked by reading examp
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from q2lab.data.tasks.mc import MCItem, _lines, _located
@@ -69,13 +69,21 @@ def parse_ppc(paths: list[Path]) -> Iterator[MCItem]:
         yield item
 
 
-def parse_8tags(paths: list[Path]) -> Iterator[MCItem]:
-    (path,) = paths
-    for n, label, text in _labelled_lines(path):
-        with _located(path, n):
-            q = f'Zdanie: "{text}"\nPytanie: Jakiego tematu dotyczy to zdanie?\nOdpowiedź:'
-            item = MCItem(q, list(TAGS_CHOICES), label)
-        yield item
+def _labelled_task(kind: str, question: str, choices: list[str]) -> Callable[[list[Path]], Iterator[MCItem]]:
+    """A parser of "label text" lines into MC items asking ``question`` about the quoted text."""
+
+    def parse(paths: list[Path]) -> Iterator[MCItem]:
+        (path,) = paths
+        for n, label, text in _labelled_lines(path):
+            with _located(path, n):
+                q = f'{kind}: "{text}"\nPytanie: {question}\nOdpowiedź:'
+                item = MCItem(q, list(choices), label)
+            yield item
+
+    return parse
+
+
+parse_8tags = _labelled_task("Zdanie", "Jakiego tematu dotyczy to zdanie?", TAGS_CHOICES)
 
 
 def parse_cdsc_e(paths: list[Path]) -> Iterator[MCItem]:
@@ -87,10 +95,4 @@ def parse_cdsc_e(paths: list[Path]) -> Iterator[MCItem]:
         yield item
 
 
-def parse_wccrs(paths: list[Path]) -> Iterator[MCItem]:
-    (path,) = paths
-    for n, label, text in _labelled_lines(path):
-        with _located(path, n):
-            q = f'Opinia: "{text}"\nPytanie: Jaki wydźwięk ma ta opinia?\nOdpowiedź:'
-            item = MCItem(q, list(WCCRS_CHOICES), label)
-        yield item
+parse_wccrs = _labelled_task("Opinia", "Jaki wydźwięk ma ta opinia?", WCCRS_CHOICES)
