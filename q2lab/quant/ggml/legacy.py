@@ -6,6 +6,8 @@ These are what llama.cpp falls back to when a row length is not a multiple of 25
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import gguf.quants as gq
 import numpy as np
 
@@ -88,80 +90,63 @@ def _affine(x: np.ndarray, qw: np.ndarray | None, nmax: int) -> tuple[np.ndarray
     return d, -the_min, group_major(levels)
 
 
-class Q4_0(GGMLType):
+class _Legacy(GGMLType):
+    """Q4_0/Q4_1/Q5_0/Q5_1: 32 levels of ``bits`` bits (low nibbles in ``qs``, bit 4 in ``qh``),
+    an fp16 scale, and for the affine types an fp16 min; symmetric types store level + 2^(bits-1)."""
+
+    bits: ClassVar[int]
+    affine: ClassVar[bool]
+
+    @classmethod
+    def _quantize(cls, x, qw):
+        if cls.affine:
+            d, m, levels = _affine(x, qw, (1 << cls.bits) - 1)
+            parts = {"d": fp16_bytes(d), "m": fp16_bytes(m)}
+        else:
+            d, levels = _symmetric(x, qw, 1 << (cls.bits - 1))
+            parts = {"d": fp16_bytes(d)}
+        if cls.bits == 5:
+            parts["qh"] = pack_high_bits(levels)
+        parts["qs"] = pack_nibbles(levels & 0x0F)
+        return join(parts, cls.layout, x.shape[:2])
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        p = split(blocks, cls.layout)
+        q = unpack_nibbles(p["qs"])
+        if cls.bits == 5:
+            q = q | (unpack_high_bits(p["qh"]) << 4)
+        if cls.affine:
+            return half(p["d"]) * q.astype(F32) + half(p["m"])
+        return half(p["d"]) * (q.astype(np.int8) - np.int8(1 << (cls.bits - 1))).astype(F32)
+
+
+class Q4_0(_Legacy):
     name = "Q4_0"
     layout = (("d", 2), ("qs", 16))
     summary = "4-bit symmetric, fp16 scale per 32 (4.5 bpw)"
-
-    @classmethod
-    def _quantize(cls, x, qw):
-        d, levels = _symmetric(x, qw, 8)
-        return join({"d": fp16_bytes(d), "qs": pack_nibbles(levels)}, cls.layout, x.shape[:2])
-
-    @classmethod
-    def dequantize_blocks(cls, blocks):
-        p = split(blocks, cls.layout)
-        q = unpack_nibbles(p["qs"]).astype(np.int8) - np.int8(8)
-        return half(p["d"]) * q.astype(F32)
+    bits, affine = 4, False
 
 
-class Q4_1(GGMLType):
+class Q4_1(_Legacy):
     name = "Q4_1"
     layout = (("d", 2), ("m", 2), ("qs", 16))
     summary = "4-bit asymmetric, fp16 scale and min per 32 (5.0 bpw)"
-
-    @classmethod
-    def _quantize(cls, x, qw):
-        d, m, levels = _affine(x, qw, 15)
-        return join(
-            {"d": fp16_bytes(d), "m": fp16_bytes(m), "qs": pack_nibbles(levels)}, cls.layout, x.shape[:2]
-        )
-
-    @classmethod
-    def dequantize_blocks(cls, blocks):
-        p = split(blocks, cls.layout)
-        return half(p["d"]) * unpack_nibbles(p["qs"]).astype(F32) + half(p["m"])
+    bits, affine = 4, True
 
 
-class Q5_0(GGMLType):
+class Q5_0(_Legacy):
     name = "Q5_0"
     layout = (("d", 2), ("qh", 4), ("qs", 16))
     summary = "5-bit symmetric, fp16 scale per 32 (5.5 bpw)"
-
-    @classmethod
-    def _quantize(cls, x, qw):
-        d, levels = _symmetric(x, qw, 16)
-        parts = {"d": fp16_bytes(d), "qh": pack_high_bits(levels), "qs": pack_nibbles(levels & 0x0F)}
-        return join(parts, cls.layout, x.shape[:2])
-
-    @classmethod
-    def dequantize_blocks(cls, blocks):
-        p = split(blocks, cls.layout)
-        q = (unpack_nibbles(p["qs"]) | (unpack_high_bits(p["qh"]) << 4)).astype(np.int8) - np.int8(16)
-        return half(p["d"]) * q.astype(F32)
+    bits, affine = 5, False
 
 
-class Q5_1(GGMLType):
+class Q5_1(_Legacy):
     name = "Q5_1"
     layout = (("d", 2), ("m", 2), ("qh", 4), ("qs", 16))
     summary = "5-bit asymmetric, fp16 scale and min per 32 (6.0 bpw)"
-
-    @classmethod
-    def _quantize(cls, x, qw):
-        d, m, levels = _affine(x, qw, 31)
-        parts = {
-            "d": fp16_bytes(d),
-            "m": fp16_bytes(m),
-            "qh": pack_high_bits(levels),
-            "qs": pack_nibbles(levels & 0x0F),
-        }
-        return join(parts, cls.layout, x.shape[:2])
-
-    @classmethod
-    def dequantize_blocks(cls, blocks):
-        p = split(blocks, cls.layout)
-        q = (unpack_nibbles(p["qs"]) | (unpack_high_bits(p["qh"]) << 4)).astype(F32)
-        return half(p["d"]) * q + half(p["m"])
+    bits, affine = 5, True
 
 
 class Q8_0(GGMLType):
