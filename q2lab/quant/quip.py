@@ -32,7 +32,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from q2lab.calib.hessian import Hessian
 from q2lab.codebooks import e8p
@@ -42,8 +41,8 @@ from q2lab.finetune.relax import stored_rht
 from q2lab.quant.base import MethodConfig, QuantizedTensor, StackedQuantizer, option, register
 from q2lab.quant.gptq import prepare_hessian
 from q2lab.quant.ldlq import cholesky_factor, ldlq
-from q2lab.quant.linear import QuantLinear
-from q2lab.transforms.hadamard import RHT, hadamard_transform, pack_signs
+from q2lab.quant.rht_linear import RHTLinear
+from q2lab.transforms.hadamard import RHT, pack_signs
 
 G = e8p.DIM
 
@@ -247,26 +246,8 @@ class Quip(StackedQuantizer):
         return QuipLinear(qt, bias, cache_weight=cache_weight)
 
 
-class QuipLinear(QuantLinear):
-    """QuIP# layer.  With ``cache_weight`` (the default, fastest on CPU) it behaves like any
-    :class:`QuantLinear`; without, each call decodes on the fly: ``y = s·Uᵀ(C (V x))`` with two
-    fast Hadamard transforms and codebook lookups over chunks of ``chunk_rows`` output rows, so
-    the float matrix is never held (peak extra memory: one chunk)."""
+class QuipLinear(RHTLinear):
+    """QuIP# layer: rows of W̃ are E8P12 (+ residual) codebook lookups times the scale."""
 
-    chunk_rows = 256
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cache_weight:
-            return super().forward(x)
-        qt = self.qtensor
-        rht, _, _ = _unpack(qt)
-        xt = hadamard_transform(x.float() * rht.s_in)
-        z = torch.cat(
-            [
-                F.linear(xt, decode_rows(qt, r0, min(r0 + self.chunk_rows, self.out_features)))
-                for r0 in range(0, self.out_features, self.chunk_rows)
-            ],
-            dim=-1,
-        )
-        y = (hadamard_transform(z, inverse=True) * rht.s_out).to(x.dtype)
-        return y if self.bias is None else y + self.bias.to(x.dtype)
+    def hadamard_rows(self, r0: int, r1: int) -> torch.Tensor:
+        return decode_rows(self.qtensor, r0, r1)

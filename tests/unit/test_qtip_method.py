@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from q2lab.calib.hessian import Hessian
 from q2lab.calib.store import CalibSpec, calibrate
@@ -91,3 +92,27 @@ def test_tiny_model_quantizes_and_reloads_bit_identically(tmp_path):
     with torch.no_grad():
         after = load_model(str(tmp_path / "ckpt")).model(x).logits
     assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize(
+    ("m", "n", "opts"),
+    [
+        (48, 96, {"bits": 2}),  # byte-aligned rows: only the decoded rows' bytes are unpacked
+        (24, 12, {"bits": 3, "tile_rows": 8, "tile_cols": 4}),  # 36-bit rows: unpack-all path
+    ],
+)
+def test_on_the_fly_layer_matches_the_dense_weight(m, n, opts):
+    from q2lab.quant.qtip.method import QTIPLinear
+
+    w = torch.randn(m, n, generator=torch.Generator().manual_seed(m))
+    q = get_quantizer("qtip")
+    qt = q.quantize(w, correlated_hessian(n), make_config("qtip", {"L": 8, **opts}))
+    bias = torch.randn(m)
+    x = torch.randn(2, 5, n)
+    layer = q.make_linear(qt, bias, cache_weight=False)
+    assert isinstance(layer, QTIPLinear)
+    layer.chunk_rows = 20  # rounded down to whole tiles; several chunks, the last one short
+    ref = F.linear(x, qt.dequantize(), bias)
+    assert torch.allclose(layer(x), ref, atol=1e-5)
+    assert layer._cached is None  # nothing materialized
+    assert torch.allclose(q.make_linear(qt, bias)(x), ref, atol=1e-5)

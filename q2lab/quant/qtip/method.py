@@ -14,7 +14,7 @@ Pipeline for one weight W (m × n) with input second moment H:
    the two sign vectors (m + n bits), the fp16 scale, and for the HYB code its 2^Q × 2 fp16
    table.  bpw counts all of it.
 
-Decoding (:meth:`QTIP.dequantize`, used on the fly by :class:`~q2lab.quant.linear.QuantLinear`)
+Decoding (:func:`decode_rows`; :class:`QTIPLinear` decodes row bands on the fly)
 rebuilds the states by shifting, looks the values up (a kernel would compute them from the
 state), rescales and undoes the RHT.
 
@@ -41,6 +41,7 @@ from q2lab.quant.packing import pack_bits, unpack_bits
 from q2lab.quant.qtip.codes import CODES, code_dims, code_table, hyb, hyb_lut
 from q2lab.quant.qtip.trellis import Trellis
 from q2lab.quant.qtip.viterbi import DEFAULT_MAX_BYTES, decode, quantize_sequences
+from q2lab.quant.rht_linear import RHTLinear
 from q2lab.transforms.hadamard import RHT, factor, pack_signs
 
 # Best global scale α for N(0, 1) data (the code quantizes α·x), measured with
@@ -152,20 +153,49 @@ class QTIP(StackedQuantizer):
         return out
 
     def dequantize(self, qt: QuantizedTensor) -> torch.Tensor:
-        m, n = qt.shape
-        meta = qt.meta
-        tr = Trellis(meta["L"], meta["bits"], meta["V"])
-        tx, g = meta["tile_rows"], meta["tile_cols"]
-        lut = qt.tensors.get("lut")
-        table = _table(meta["code"], tr.L, meta["seed"], lut).to(qt.tensors["codes"].device)
-        chunks = unpack_bits(qt.tensors["codes"], tr.kv, m * n // tr.V).view(m, n // g, g // tr.V)
-        # (m, blocks, g/V) → one sequence per (block, tile): (blocks·m/tx, tx·g/V)
-        seq = chunks.permute(1, 0, 2).reshape(n // g, m // tx, tx * g // tr.V)
-        vals = decode(tr.states(seq), table, tr)  # (blocks, m/tx, tx·g)
-        xt = vals.view(n // g, m, g).permute(1, 0, 2).reshape(m, n)
-        xt = xt * qt.tensors["scale"].float()
-        rht = stored_rht(qt)
-        return rht.unweight(xt)
+        return stored_rht(qt).unweight(decode_rows(qt))
+
+    def make_linear(self, qt: QuantizedTensor, bias: torch.Tensor | None, cache_weight: bool = True):
+        return QTIPLinear(qt, bias, cache_weight=cache_weight)
+
+
+def _row_chunks(qt: QuantizedTensor, tr: Trellis, r0: int, r1: int) -> torch.Tensor:
+    """The trellis chunks of rows r0:r1, unpacking only their bytes when rows are byte-aligned."""
+    m, n = qt.shape
+    per_row = n // tr.V
+    codes = qt.tensors["codes"]
+    if (per_row * tr.kv) % 8 == 0:
+        b = per_row * tr.kv // 8
+        return unpack_bits(codes[r0 * b : r1 * b], tr.kv, (r1 - r0) * per_row)
+    return unpack_bits(codes, tr.kv, m * per_row)[r0 * per_row : r1 * per_row]
+
+
+def decode_rows(qt: QuantizedTensor, r0: int = 0, r1: int | None = None) -> torch.Tensor:
+    """Rows r0:r1 (multiples of ``tile_rows``) of W̃·s, the quantized weight in the Hadamard
+    basis: rebuild each tile's states by shifting, look the values up, rescale."""
+    m, n = qt.shape
+    r1 = m if r1 is None else r1
+    meta = qt.meta
+    tr = Trellis(meta["L"], meta["bits"], meta["V"])
+    tx, g = meta["tile_rows"], meta["tile_cols"]
+    rows = r1 - r0
+    table = _table(meta["code"], tr.L, meta["seed"], qt.tensors.get("lut")).to(qt.tensors["codes"].device)
+    chunks = _row_chunks(qt, tr, r0, r1).view(rows, n // g, g // tr.V)
+    # (rows, blocks, g/V) → one sequence per (block, tile): (blocks, rows/tx, tx·g/V)
+    seq = chunks.permute(1, 0, 2).reshape(n // g, rows // tx, tx * g // tr.V)
+    vals = decode(tr.states(seq), table, tr)  # (blocks, rows/tx, tx·g)
+    xt = vals.view(n // g, rows, g).permute(1, 0, 2).reshape(rows, n)
+    return xt * qt.tensors["scale"].float()
+
+
+class QTIPLinear(RHTLinear):
+    """QTIP layer: rows of W̃ decoded from the trellis, one tile row-band at a time."""
+
+    def hadamard_rows(self, r0: int, r1: int) -> torch.Tensor:
+        return decode_rows(self.qtensor, r0, r1)
+
+    def row_step(self) -> int:
+        return int(self.qtensor.meta["tile_rows"])
 
 
 def _check_shape(shape: tuple[int, int], cfg: QTIPConfig) -> None:
