@@ -36,7 +36,8 @@ def main(path: str) -> None:
                 if cmp is None:
                     continue
                 diff, pv, verdict = format_comparison(cmp)
-                print(f"| {a.split('/', 1)[1]} | {b.split('/', 1)[1]} | {metric} | {diff} | {pv} | {verdict} |")
+                name_a, name_b = a.split("/", 1)[1], b.split("/", 1)[1]
+                print(f"| {name_a} | {name_b} | {metric} | {diff} | {pv} | {verdict} |")
         print()
 
 
