@@ -17,7 +17,12 @@ from q2lab.study.compare import compare_rows, format_comparison
 from q2lab.study.report import load_results
 
 PAIRS_OF = ("qtip", "quip#", "gptq", "iq2_xxs", "q2_k")
-METRICS = (("kld:wikitext2", "kld_mean"), ("ppl:wikitext2", "ppl"), ("mc:arc_easy", "acc_norm"))
+METRICS = (
+    ("kld:wikitext2", "kld_mean"),
+    ("kld:wikitext2", "top1_agree"),
+    ("ppl:wikitext2", "ppl"),
+    ("mc:arc_easy", "acc_norm"),
+)
 
 
 def main(path: str) -> None:
@@ -36,7 +41,7 @@ def main(path: str) -> None:
                 if cmp is None:
                     continue
                 diff, pv, verdict = format_comparison(cmp)
-                name_a, name_b = a.split("/", 1)[1], b.split("/", 1)[1]
+                name_a, name_b = (f"{r['label']} ({r['bpw']:.3f} bpw)" for r in (ra, rb))
                 print(f"| {name_a} | {name_b} | {metric} | {diff} | {pv} | {verdict} |")
         print()
 
