@@ -32,6 +32,9 @@ def main(path: str) -> None:
         cells = sorted({k[1] for k in by if k[0] == model})
         two_bit = [c for c in cells if any(c.split("/", 1)[1].startswith(m) for m in PAIRS_OF)]
         two_bit = [c for c in two_bit if "-b3" not in c and "-b4" not in c]
+        two_bit.sort(
+            key=lambda c: next(i for i, m in enumerate(PAIRS_OF) if c.split("/", 1)[1].startswith(m))
+        )
         print(f"## {model}\n")
         print("| a | b | metric | a − b [95 % CI] | p | verdict |\n|---|---|---|---|---|---|")
         for task, metric in METRICS:
