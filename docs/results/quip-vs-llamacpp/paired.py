@@ -1,0 +1,53 @@
+"""Paired comparisons between the 2-bit cells of this study (same windows, same items).
+
+The study report compares every cell with the float reference; the acceptance questions of
+issues 5 and 6 are between quantized cells (QTIP vs QuIP# vs GPTQ vs IQ2_XXS), so this prints
+the paired bootstrap of each pair's difference on the same units, with
+q2lab.study.compare.compare_rows (the report's own machinery).
+
+    python docs/results/quip-vs-llamacpp/paired.py docs/results/quip-vs-llamacpp/results.jsonl
+"""
+
+from __future__ import annotations
+
+import sys
+from itertools import combinations
+
+from q2lab.study.compare import compare_rows, format_comparison
+from q2lab.study.report import load_results
+
+PAIRS_OF = ("qtip", "quip#", "gptq", "iq2_xxs", "q2_k")
+METRICS = (
+    ("kld:wikitext2", "kld_mean"),
+    ("kld:wikitext2", "top1_agree"),
+    ("ppl:wikitext2", "ppl"),
+    ("mc:arc_easy", "acc_norm"),
+)
+
+
+def main(path: str) -> None:
+    rows = load_results(path)
+    by = {(r["model"], r["cell"], r["task"], r["metric"]): r for r in rows if "cell" in r}
+    for model in sorted({k[0] for k in by}):
+        cells = sorted({k[1] for k in by if k[0] == model})
+        two_bit = [c for c in cells if any(c.split("/", 1)[1].startswith(m) for m in PAIRS_OF)]
+        two_bit = [c for c in two_bit if "-b3" not in c and "-b4" not in c]
+        two_bit.sort(
+            key=lambda c: next(i for i, m in enumerate(PAIRS_OF) if c.split("/", 1)[1].startswith(m))
+        )
+        print(f"## {model}\n")
+        print("| a | b | metric | a − b [95 % CI] | p | verdict |\n|---|---|---|---|---|---|")
+        for task, metric in METRICS:
+            for a, b in combinations(two_bit, 2):
+                ra, rb = by.get((model, a, task, metric)), by.get((model, b, task, metric))
+                cmp = compare_rows(ra, rb) if ra and rb else None
+                if cmp is None:
+                    continue
+                diff, pv, verdict = format_comparison(cmp)
+                name_a, name_b = (f"{r['label']} ({r['bpw']:.3f} bpw)" for r in (ra, rb))
+                print(f"| {name_a} | {name_b} | {metric} | {diff} | {pv} | {verdict} |")
+        print()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
