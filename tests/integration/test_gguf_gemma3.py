@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 
 from q2lab.quant.ggml import llamacpp
+from tests.integration.ppl_pair import llamacpp_and_q2lab_ppl
 
 pytestmark = [
     pytest.mark.integration,
@@ -30,8 +30,7 @@ pytestmark = [
 def test_gemma3_270m_q8_0_equals_llamacpp_and_matches_its_perplexity(tmp_path) -> None:
     from q2lab import api
     from q2lab.data.text import corpus_windows, load_corpus
-    from q2lab.eval.likelihood import score_windows
-    from q2lab.export.gguf import differing_tensors, load_into
+    from q2lab.export.gguf import differing_tensors
     from q2lab.models import load_model
 
     lm = load_model("gemma3-270m")
@@ -41,9 +40,6 @@ def test_gemma3_270m_q8_0_equals_llamacpp_and_matches_its_perplexity(tmp_path) -
     llamacpp.quantize_file(f32, ref, "Q8_0", nthread=2)
     assert differing_tensors(ref, ours) == []
     windows = corpus_windows(lm, load_corpus("wikitext2"), 2, 512)
-    theirs = llamacpp.perplexity(ours, windows)
-    load_into(lm, ours)
-    stats = score_windows(lm.model, windows)
-    mine = float(np.exp(sum(stats.nll) / sum(stats.tokens)))
+    theirs, mine = llamacpp_and_q2lab_ppl(lm, ours, windows)
     print(f"gemma3-270m Q8_0: llama.cpp ppl {theirs:.4f}, q2lab ppl {mine:.4f}")
     assert mine == pytest.approx(theirs, rel=0.01), (mine, theirs)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from q2lab.quant.ggml import llamacpp
+from tests.integration.ppl_pair import llamacpp_and_q2lab_ppl
 
 pytestmark = [
     pytest.mark.integration,
@@ -46,8 +47,7 @@ def _file_bpw(path) -> float:
 def _check(tmp_path, file_type: str, imatrix: str | None) -> dict:
     from q2lab import api
     from q2lab.data.text import corpus_windows, load_corpus
-    from q2lab.eval.likelihood import score_windows
-    from q2lab.export.gguf import differing_tensors, load_into
+    from q2lab.export.gguf import differing_tensors
     from q2lab.quant.ggml.imatrix import read_imatrix
 
     lm = _fresh()
@@ -63,10 +63,7 @@ def _check(tmp_path, file_type: str, imatrix: str | None) -> dict:
     assert report["bpw"] == pytest.approx(_file_bpw(ref), abs=0.01)
 
     windows = corpus_windows(lm, load_corpus("wikitext2"), WINDOWS, CTX)
-    theirs = llamacpp.perplexity(ours, windows)
-    load_into(lm, ours)
-    stats = score_windows(lm.model, windows)
-    mine = float(np.exp(sum(stats.nll) / sum(stats.tokens)))
+    theirs, mine = llamacpp_and_q2lab_ppl(lm, ours, windows)
     print(f"{file_type}: llama.cpp ppl {theirs:.4f}, q2lab ppl {mine:.4f} over {WINDOWS} windows of {CTX}")
     assert mine == pytest.approx(theirs, rel=0.01), (mine, theirs)
     return report
