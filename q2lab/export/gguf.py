@@ -96,6 +96,24 @@ def _is_norm(key: str) -> bool:
     return key.endswith("norm.weight")
 
 
+def gguf_name(key: str, spec: ArchSpec, tied: bool) -> tuple[str, str] | None:
+    """(GGUF name, transformers module or "") of the state-dict entry ``key``; ``None`` for
+    entries llama.cpp does not store (a tied ``lm_head``, rotary caches).  The one home of the
+    transformers → llama.cpp tensor naming, for export and for recipes applied in place."""
+    if key == "lm_head.weight":
+        return None if tied else ("output.weight", "lm_head")
+    if key in _TOP_NAMES:
+        return _TOP_NAMES[key], ""
+    m = _LAYER.match(key)
+    if not m or m.group(2) not in spec.block_names:
+        if key.endswith("rotary_emb.inv_freq"):
+            return None
+        raise ConfigError(f"GGUF export: no GGUF name for tensor {key} of this {spec.gguf_arch} model")
+    local = m.group(2)
+    module = key.rsplit(".", 1)[0] if local.endswith("proj.weight") else ""
+    return f"blk.{int(m.group(1))}.{spec.block_names[local]}", module
+
+
 def gguf_tensors(model: torch.nn.Module) -> list[GGUFTensor]:
     """The model's weights as GGUF tensors, in llama.cpp's order (Q/K rows permuted for rotary)."""
     cfg = model.config
@@ -105,30 +123,43 @@ def gguf_tensors(model: torch.nn.Module) -> list[GGUFTensor]:
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     held = _ggml_blocks(model)
     for key, data in _float_weights(model).items():
-        if key == "lm_head.weight":
-            if not tied:
-                out["output.weight"] = GGUFTensor("output.weight", "lm_head", data)
+        named = gguf_name(key, spec, tied)
+        if named is None:
             continue
+        name, module = named
         if spec.norm_offset and _is_norm(key):
             data = data + np.float32(spec.norm_offset)
-        if key in _TOP_NAMES:
-            out[_TOP_NAMES[key]] = GGUFTensor(_TOP_NAMES[key], "", data)
-            continue
-        m = _LAYER.match(key)
-        if not m or m.group(2) not in spec.block_names:
-            if key.endswith(("rotary_emb.inv_freq",)):
-                continue
-            raise ConfigError(f"GGUF export: no GGUF name for tensor {key} of this {cfg.model_type} model")
-        layer, local = int(m.group(1)), m.group(2)
-        module = key.rsplit(".", 1)[0] if data.ndim == 2 else ""
         blocks, btype = held.get(module, (None, None))
-        heads = (n_head, n_head) if "q_proj" in local else (n_head, n_kv) if "k_proj" in local else None
+        local = key.rsplit(".", 2)[-2] if name.startswith("blk.") else ""
+        heads = (n_head, n_head) if local == "q_proj" else (n_head, n_kv) if local == "k_proj" else None
         if heads and spec.permute_qk:  # rows are quantized independently, so GGUF bytes permute like the rows
             data = _permute(data, *heads)
             blocks = None if blocks is None else _permute(blocks, *heads)
-        name = f"blk.{layer}.{spec.block_names[local]}"
         out[name] = GGUFTensor(name, module, data, blocks, btype)
     return [out[k] for k in sorted(out, key=_sort_key)]
+
+
+def model_plan(model: torch.nn.Module, file_type: str, has_imatrix: bool) -> tuple[FilePlan, dict[str, str]]:
+    """llama.cpp's per-tensor types of ``file_type`` on ``model`` without copying any weight,
+    and each linear's type by transformers module name (``model.layers.3.mlp.down_proj``)."""
+    cfg = model.config
+    spec = arch_spec(model)
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    shapes: dict[str, tuple[tuple[int, ...], str]] = {}
+    for key, value in model.state_dict().items():
+        named = gguf_name(key, spec, tied) if torch.is_floating_point(value) else None
+        if named is not None:
+            shapes[named[0]] = (tuple(value.shape), named[1])
+    order = sorted(shapes, key=_sort_key)
+    plan = plan_file(
+        file_type,
+        [(name, shapes[name][0]) for name in order],
+        n_head=cfg.num_attention_heads,
+        n_head_kv=cfg.num_key_value_heads,
+        n_layer=cfg.num_hidden_layers,
+        has_imatrix=has_imatrix,
+    )
+    return plan, {shapes[t.name][1]: t.type for t in plan.tensors if shapes[t.name][1]}
 
 
 def _float_weights(model: torch.nn.Module) -> dict[str, np.ndarray]:

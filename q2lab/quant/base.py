@@ -185,6 +185,14 @@ class Quantizer(ABC):
         override this; by default it is ``needs_hessian``."""
         return self.needs_hessian
 
+    def layer_methods(
+        self, model: torch.nn.Module, cfg: MethodConfig
+    ) -> dict[str, tuple[Quantizer, MethodConfig] | None] | None:
+        """Per-linear (method, config) by module name, for methods that mix types across layers
+        (a llama.cpp file type bumps attention V and ``ffn_down``); ``None`` for a linear keeps
+        it float.  The default, ``None``, quantizes every linear with this method and ``cfg``."""
+        return None
+
     def make_linear(self, qt: QuantizedTensor, bias: torch.Tensor | None, cache_weight: bool = True):
         """The module that replaces the float linear (``QuantLinear`` unless the method has its
         own inference path, e.g. QuIP#'s on-the-fly Hadamard + codebook decode)."""

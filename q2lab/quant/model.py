@@ -35,6 +35,12 @@ class LayerReport:
     bpw: float
     seconds: float
     proxy_rel: float | None  # tr(E H Eᵀ) / tr(W H Wᵀ): relative output error on calibration inputs
+    format: str = ""  # storage format: the GGML type of llama.cpp methods, else the method name
+
+
+def storage_format(qt: QuantizedTensor) -> str:
+    """What a quantized tensor is stored as: ``Q4_0`` for GGML blocks, else ``gptq``-style names."""
+    return str(qt.meta.get("ggml_type") or qt.method)
 
 
 @dataclass
@@ -60,6 +66,15 @@ class QuantReport:
         """Exact bits per weight over the quantized linears."""
         return self.bits / max(self.quantized_params, 1)
 
+    def formats(self) -> dict[str, float]:
+        """Share of the quantized weights in each storage format, largest first: a "Q2_K" file
+        on 576-wide rows is mostly Q4_0, and this is where a report shows it."""
+        total = max(self.quantized_params, 1)
+        shares: dict[str, float] = {}
+        for lr in self.layers:
+            shares[lr.format] = shares.get(lr.format, 0.0) + lr.shape[0] * lr.shape[1] / total
+        return {k: round(v, 4) for k, v in sorted(shares.items(), key=lambda kv: -kv[1])}
+
     def to_dict(self, per_layer: bool = False) -> dict[str, Any]:
         d = {
             "method": self.method,
@@ -72,6 +87,7 @@ class QuantReport:
             "seconds": round(self.seconds, 3),
             "notes": self.notes,
             "proxy_rel_mean": _mean([lr.proxy_rel for lr in self.layers]),
+            "formats": self.formats(),
         }
         if self.finetune is not None:
             d["finetune"] = self.finetune
@@ -123,14 +139,17 @@ def quantize_model(
     report = QuantReport(quantizer.name, cfg.to_dict())
     t_start = time.time()
     tuner = _finetune_run(model, cfg, windows)
+    assigned = quantizer.layer_methods(model, cfg)
     for b in progress(range(len(layout)), f"quantize {quantizer.name}", len(layout), unit="block"):
         linears = {
             n: m for n, m in layout.block_linears(b).items() if _selected(layout.full_name(b, n), skip)
         }
         if tuner is not None:
             tuner.before_block(b)
-        for group in _input_groups(layout, b, linears, store):
-            _quantize_group(model, layout, b, group, linears, quantizer, cfg, store, report, cache_weight)
+        for group, q, c in _assign(
+            layout, b, _input_groups(layout, b, linears, store), assigned, quantizer, cfg
+        ):
+            _quantize_group(model, layout, b, group, linears, q, c, store, report, cache_weight)
         if tuner is not None:
             tuner.after_block(b)
     if tuner is not None:
@@ -142,6 +161,9 @@ def quantize_model(
         p.numel() for m in model.modules() if id(m) not in quantized for p in m.parameters(recurse=False)
     )
     report.notes.append("embeddings, norms and lm_head kept in float")
+    kept = [n for n, a in (assigned or {}).items() if a is None]
+    if kept:
+        report.notes.append(f"kept in float by {quantizer.name}'s plan: {kept}")
     if skip:
         report.notes.append(f"kept in float by skip patterns: {skip}")
     return report
@@ -183,6 +205,25 @@ def _input_groups(
     return list(groups.values())
 
 
+def _assign(layout, b, groups, assigned, quantizer, cfg):
+    """Split input groups by the (method, config) each linear gets: all ``quantizer``/``cfg``
+    unless a mixed method assigned them (linears it keeps float are dropped)."""
+    out = []
+    for group in groups:
+        by_key: dict[str, tuple[list[str], Any, Any]] = {}
+        for n in group:
+            full = layout.full_name(b, n)
+            if assigned is not None and full not in assigned:
+                raise ConfigError(f"method {quantizer.name} has no plan for linear {full}")
+            a = (quantizer, cfg) if assigned is None else assigned[full]
+            if a is None:
+                continue
+            key = f"{a[0].name}|{a[1]!r}"
+            by_key.setdefault(key, ([], a[0], a[1]))[0].append(n)
+        out.extend(by_key.values())
+    return out
+
+
 def _quantize_group(model, layout, b, names, linears, quantizer, cfg, store, report, cache_weight) -> None:
     t0 = time.time()
     hessian = store.hessian(layout.full_name(b, names[0])) if store is not None else None
@@ -197,4 +238,6 @@ def _quantize_group(model, layout, b, names, linears, quantizer, cfg, store, rep
         # The decoded-weight cache fills on the first forward pass, not here: quantizing holds
         # only packed codes, so peak memory stays near one float model.
         model.set_submodule(full, quantizer.make_linear(qt, old.bias, cache_weight=cache_weight))
-        report.layers.append(LayerReport(full, qt.shape, qt.bits(), qt.bpw(), seconds, rel))
+        report.layers.append(
+            LayerReport(full, qt.shape, qt.bits(), qt.bpw(), seconds, rel, storage_format(qt))
+        )

@@ -128,6 +128,7 @@ class Cell:
     quantized_fraction: float | None = None
     file_size_bytes: int | None = None
     quantize_s: float | None = None
+    formats: dict[str, float] = field(default_factory=dict, compare=False, hash=False)
 
     def sort_key(self) -> tuple:
         """Reference first, then by method, bits (fp/unknown last), bpw, id."""
@@ -197,6 +198,8 @@ def _make_cell(cell_id: str, rows: list[dict[str, Any]]) -> Cell:
     qfrac = _first(rows, "quantized_fraction")
     timings = _first(rows, "timings")
     quantize_s = timings.get("quantize_s") if isinstance(timings, dict) else None
+    quant = _first(rows, "quant")
+    formats = quant.get("formats") if isinstance(quant, dict) else None
     return Cell(
         id=cell_id,
         model=_model_of(rows[0]),
@@ -209,6 +212,7 @@ def _make_cell(cell_id: str, rows: list[dict[str, Any]]) -> Cell:
         quantized_fraction=None if qfrac is None else float(qfrac),
         file_size_bytes=None if size is None else int(size),
         quantize_s=None if quantize_s is None else float(quantize_s),
+        formats=dict(formats) if isinstance(formats, dict) else {},
     )
 
 
@@ -571,7 +575,17 @@ def main_table(mr: ModelResults, flagged: set[str]) -> str:
 
 def cells_table(mr: ModelResults) -> str:
     """What each cell is and what it cost: method options, size, fraction quantized, time."""
-    header = ["Cell", "id", "method", "bits", "options", "quantized fraction", "file size", "quantize s"]
+    header = [
+        "Cell",
+        "id",
+        "method",
+        "bits",
+        "options",
+        "stored as",
+        "quantized fraction",
+        "file size",
+        "quantize s",
+    ]
     body = [
         [
             c.label,
@@ -579,13 +593,22 @@ def cells_table(mr: ModelResults) -> str:
             c.method,
             MISSING if c.bits is None else str(c.bits),
             _short(c.options) if c.options else MISSING,
+            format_shares(c.formats),
             MISSING if c.quantized_fraction is None else f"{c.quantized_fraction:.3f}",
             _fmt_size(c.file_size_bytes),
             MISSING if c.quantize_s is None else f"{c.quantize_s:.1f}",
         ]
         for c in mr.cells
     ]
-    return md_table(header, body, align=["l", "l", "l", "r", "l", "r", "r", "r"])
+    return md_table(header, body, align=["l", "l", "l", "r", "l", "l", "r", "r", "r"])
+
+
+def format_shares(formats: dict[str, float]) -> str:
+    """``Q4_0 75 %, Q2_K 25 %``: what the quantized linears are stored as, by share of weights
+    (a llama.cpp "Q2_K" on rows that are not multiples of 256 is mostly Q4_0)."""
+    if not formats:
+        return MISSING
+    return ", ".join(f"{k} {100 * v:.0f} %" for k, v in formats.items())
 
 
 def frontier_lines(mr: ModelResults) -> list[str]:

@@ -177,7 +177,8 @@ class _CellContext:
             **rec,
             "task_settings": _task_dict(task),
             "quant": {
-                k: qinfo.get(k) for k in ("proxy_rel_mean", "notes", "quantized_params", "float_params")
+                k: qinfo.get(k)
+                for k in ("proxy_rel_mean", "notes", "quantized_params", "float_params", "formats")
             },
             "provenance": {
                 "model_fingerprint": cand.info.fingerprint,

@@ -332,3 +332,17 @@ def test_paired_section_and_benchmark_average():
 
 def test_no_paired_section_without_units(rows):
     assert "paired comparison" not in report.render_markdown(rows)
+
+
+def test_cells_table_shows_what_the_linears_are_stored_as(rows):
+    """A llama.cpp "Q2_K" on rows that are not multiples of 256 is mostly Q4_0: the cells table
+    says so from the record's quant.formats; older records without it show a dash."""
+    mixed = [
+        r | {"quant": {"formats": {"Q4_0": 0.75, "Q2_K": 0.25}}} if r["cell"].endswith("rtn-b2") else r
+        for r in rows
+    ]
+    (mr,) = report.group_by_model(mixed)
+    lines = {line.split(" | ")[0].strip("| "): line for line in report.cells_table(mr).splitlines()}
+    assert "| Q4_0 75 %, Q2_K 25 % |" in lines["RTN 2b"]
+    assert f"| {report.MISSING} |" in lines["GPTQ 2b"]
+    assert report.format_shares({}) == report.MISSING
