@@ -23,10 +23,11 @@ from tests.tiny import make_tiny_model
 gguf = pytest.importorskip("gguf")
 
 
-def _model():
+def _model(arch: str = "llama"):
     """Rows of 288 (32-blocks only: K/IQ2 types fall back) and 512 (256-blocks fit), 8 layers so
     that the first-eighth and use_more_bits rules pick different layers."""
-    return make_tiny_model(hidden_size=288, intermediate_size=512, num_hidden_layers=8, seed=5)
+    extra = {"layer_types": ["sliding_attention", "full_attention"] * 4} if arch == "gemma3" else {}
+    return make_tiny_model(arch, hidden_size=288, intermediate_size=512, num_hidden_layers=8, seed=5, **extra)
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +66,11 @@ def test_types_and_bpw_follow_the_export_plan(store, tmp_path, file_type, imatri
     assert len(set(expected.values())) >= 2  # a real mix, not one type everywhere
 
 
-def test_bytes_equal_the_exported_file(store, tmp_path) -> None:
-    """Bytes too, not just types: what is quantized in place is what the export writes."""
-    lm = _model()
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_bytes_equal_the_exported_file(tmp_path, arch) -> None:
+    """Bytes too, not just types: what is quantized in place is what the export writes (Gemma 3
+    has its own tensor names and no Q/K row permutation)."""
+    lm = _model(arch)
     export_gguf(lm, tmp_path / "ref.gguf", "Q4_K_M")
     quantize_model(lm.model, "llamacpp", make_config("llamacpp", {"file_type": "Q4_K_M"}), None)
     ref = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(tmp_path / "ref.gguf")).tensors}
