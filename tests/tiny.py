@@ -78,3 +78,18 @@ def make_tiny_model(arch: str = "llama", seed: int = 0, add_bos: bool = False, *
         dtype="float32",
     )
     return LoadedModel(model, tok, info)
+
+
+def checkpoint_logits(lm, report, path):
+    """Logits of ``lm`` on fixed random ids before saving it as a q2lab checkpoint at ``path``
+    and after loading it back: a lossless checkpoint gives two identical tensors."""
+    from q2lab.export.checkpoint import save_checkpoint
+    from q2lab.models import load_model
+
+    x = torch.randint(0, len(lm.tokenizer), (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = lm.model(x).logits
+    save_checkpoint(lm, path, report.to_dict())
+    with torch.no_grad():
+        after = load_model(str(path)).model(x).logits
+    return before, after

@@ -18,7 +18,7 @@ from q2lab.quant.base import make_config
 from q2lab.quant.ggml import llamacpp
 from q2lab.quant.linear import QuantLinear
 from q2lab.quant.model import quantize_model
-from tests.tiny import make_tiny_model
+from tests.tiny import checkpoint_logits, make_tiny_model
 
 gguf = pytest.importorskip("gguf")
 
@@ -107,20 +107,12 @@ def test_checkpoint_of_a_mixed_model_reloads_bit_identically(tmp_path) -> None:
     """Every linear carries its own GGML method, so a saved mixed model decodes without the recipe."""
     import torch
 
-    from q2lab.export.checkpoint import save_checkpoint
-    from q2lab.models import load_model
-
     lm = _model()
     report = quantize_model(lm.model, "llamacpp", make_config("llamacpp", {"file_type": "Q3_K_M"}), None)
     methods = {m.qtensor.method for m in lm.model.modules() if isinstance(m, QuantLinear)}
     # 288-wide rows: Q3_K → Q4_0, attention V Q5_K/Q4_K → Q5_1/Q5_0; ffn_down (512) keeps Q4_K
     assert methods == {"q4_0", "q5_1", "q5_0", "q4_k"}
-    x = torch.randint(0, len(lm.tokenizer), (2, 16))
-    with torch.no_grad():
-        before = lm.model(x).logits
-    save_checkpoint(lm, tmp_path / "ckpt", report.to_dict())
-    with torch.no_grad():
-        after = load_model(str(tmp_path / "ckpt")).model(x).logits
+    before, after = checkpoint_logits(lm, report, tmp_path / "ckpt")
     assert torch.equal(before, after)
 
 

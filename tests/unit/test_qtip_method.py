@@ -11,15 +11,13 @@ import torch.nn.functional as F
 from q2lab.calib.hessian import Hessian
 from q2lab.calib.store import CalibSpec, calibrate
 from q2lab.errors import ConfigError, ShapeError
-from q2lab.export.checkpoint import save_checkpoint
-from q2lab.models import load_model
 from q2lab.quant import get_quantizer, make_config
 from q2lab.quant.ldlq import proxy_loss
 from q2lab.quant.model import quantize_model
 from q2lab.quant.qtip.codes import code_table
 from q2lab.quant.qtip.viterbi import quantize_sequences
 from q2lab.transforms.hadamard import RHT
-from tests.tiny import TINY_TEXT, make_tiny_model
+from tests.tiny import TINY_TEXT, checkpoint_logits, make_tiny_model
 
 
 def correlated_hessian(n: int, tokens: int = 2048, seed: int = 0) -> Hessian:
@@ -85,12 +83,7 @@ def test_tiny_model_quantizes_and_reloads_bit_identically(tmp_path):
         lm.model, "qtip", make_config("qtip", {"L": 8, "tile_rows": 8, "tile_cols": 8}), store
     )
     assert report.bpw < 2.1 and all(lr.proxy_rel < 0.2 for lr in report.layers)
-    x = torch.randint(0, len(lm.tokenizer), (2, 16))
-    with torch.no_grad():
-        before = lm.model(x).logits
-    save_checkpoint(lm, tmp_path / "ckpt", report.to_dict())
-    with torch.no_grad():
-        after = load_model(str(tmp_path / "ckpt")).model(x).logits
+    before, after = checkpoint_logits(lm, report, tmp_path / "ckpt")
     assert torch.equal(before, after)
 
 
