@@ -123,11 +123,12 @@ def cmd_report(args) -> int:
 
 
 def cmd_methods(args) -> int:
-    from q2lab.quant.base import get_quantizer, method_names
+    from q2lab.quant.base import Quantizer, get_quantizer, method_names
 
     for name in method_names():
         q = get_quantizer(name)
-        need = "needs Hessians" if q.needs_hessian else "data-free"
+        optional = type(q).uses_hessian is not Quantizer.uses_hessian  # decided by the options
+        need = "needs Hessians" if q.needs_hessian else "Hessians by option" if optional else "data-free"
         print(f"{name}  ({need}) — {q.summary}")
         for opt, default, help_ in q.config_cls.describe():
             print(f"    {opt:<12} default {default:<10} {help_}")

@@ -67,8 +67,13 @@ class MethodConfig:
         """(name, default, help) for each option, for ``q2lab methods``."""
         rows = []
         for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else "(required)"
-            rows.append((f.name, repr(default), f.metadata.get("help", "")))
+            if f.default is not dataclasses.MISSING:
+                default = repr(f.default)
+            elif f.default_factory is not dataclasses.MISSING:
+                default = repr(f.default_factory())
+            else:
+                default = "(required)"
+            rows.append((f.name, default, f.metadata.get("help", "")))
         return rows
 
 

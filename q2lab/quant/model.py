@@ -35,12 +35,16 @@ class LayerReport:
     bpw: float
     seconds: float
     proxy_rel: float | None  # tr(E H Eᵀ) / tr(W H Wᵀ): relative output error on calibration inputs
-    format: str = ""  # storage format: the GGML type of llama.cpp methods, else the method name
+    format: str = ""  # storage format: the GGML type of llama.cpp methods, else method and bits
 
 
 def storage_format(qt: QuantizedTensor) -> str:
-    """What a quantized tensor is stored as: ``Q4_0`` for GGML blocks, else ``gptq``-style names."""
-    return str(qt.meta.get("ggml_type") or qt.method)
+    """What a quantized tensor is stored as: ``Q4_0`` for GGML blocks, else the method and its
+    bits (``gptq 4b``), so a mixed model's report tells its bit widths apart."""
+    if qt.meta.get("ggml_type"):
+        return str(qt.meta["ggml_type"])
+    bits = qt.meta.get("bits")
+    return f"{qt.method} {bits}b" if bits is not None else qt.method
 
 
 @dataclass
