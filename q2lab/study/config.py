@@ -59,6 +59,7 @@ class Cell:
     method: str  # registry name, or "fp"
     options: dict[str, Any]
     config: MethodConfig | None  # None for the reference
+    name: str | None = None  # the entry's `label`, shown instead of the generated label (not in the id)
 
     @property
     def is_reference(self) -> bool:
@@ -79,6 +80,8 @@ class Cell:
 
     @property
     def label(self) -> str:
+        if self.name:
+            return self.name
         if self.is_reference:
             return "FP"
         opts = self.config.to_dict() if self.config else {}
@@ -201,14 +204,29 @@ def _expand(model: str, entry: Any, source: str) -> list[Cell]:
         raise ConfigError(f"{source}: each methods entry needs a 'method' key, got {entry!r}")
     entry = dict(entry)
     method = str(entry.pop("method")).lower()
+    labels = entry.pop("label", None)
     if method == REFERENCE_METHOD:
         if entry:
             raise ConfigError(f"{source}: the fp reference takes no options, got {sorted(entry)}")
-        return [Cell(model, method, {}, None)]
+        return [Cell(model, method, {}, None, _labels(labels, 1, source)[0])]
     name = get_quantizer(method).name
     axes = {k: (v if isinstance(v, list) else [v]) for k, v in entry.items()}
+    combos = list(itertools.product(*axes.values()))
+    names = _labels(labels, len(combos), source)
     cells = []
-    for combo in itertools.product(*axes.values()):
+    for combo, label in zip(combos, names):
         options = dict(zip(axes.keys(), combo))
-        cells.append(Cell(model, name, options, make_config(name, options)))
+        cells.append(Cell(model, name, options, make_config(name, options), label))
     return cells
+
+
+def _labels(value: Any, n: int, source: str) -> list[str | None]:
+    """An entry's ``label``: one string for an entry of one cell, or one per cell of its grid
+    (in the order the option lists expand, last option fastest)."""
+    if value is None:
+        return [None] * n
+    values = value if isinstance(value, list) else [value]
+    if len(values) != n or not all(isinstance(v, str) and v.strip() for v in values):
+        want = "a non-empty string" if n == 1 else f"a list of {n} non-empty strings"
+        raise ConfigError(f"{source}: 'label' must be {want} (one per cell of the entry), got {value!r}")
+    return list(values)

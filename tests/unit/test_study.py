@@ -259,3 +259,23 @@ def test_an_interrupted_cell_keeps_its_finished_tasks(workspace, monkeypatch):
     assert "gen" in ran and not {"ppl", "mc"} & set(ran)  # finished tasks are not run again
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert "collapse_rate" in {r["metric"] for r in rows}
+
+
+def test_entry_labels_name_cells_without_changing_their_ids(tmp_path):
+    corpus = tmp_path / "t.txt"
+    corpus.write_text("some text " * 50, encoding="utf-8")
+
+    def cells(entry):
+        raw = {"name": "s", "models": ["m"], "methods": [entry], "tasks": [f"ppl:{corpus}"]}
+        return parse_study(raw).cells
+
+    plain = cells({"method": "rtn", "bits": [2, 3]})
+    named = cells({"method": "rtn", "bits": [2, 3], "label": ["two", "three"]})
+    assert [c.label for c in named] == ["two", "three"]
+    assert [c.id for c in named] == [c.id for c in plain]
+    assert [c.label for c in plain] == ["RTN 2b g128", "RTN 3b g128"]
+    assert cells({"method": "fp", "label": "float"})[0].label == "float"
+    with pytest.raises(ConfigError, match="a list of 2 non-empty strings"):
+        cells({"method": "rtn", "bits": [2, 3], "label": "one"})
+    with pytest.raises(ConfigError, match="a non-empty string"):
+        cells({"method": "rtn", "label": ""})
