@@ -6,6 +6,9 @@ the paired bootstrap of each pair's difference on the same units, with
 q2lab.study.compare.compare_rows (the report's own machinery).
 
     python docs/results/quip-vs-llamacpp/paired.py docs/results/quip-vs-llamacpp/results.jsonl
+
+Other studies: name the cells' method prefixes after the file (every bit width is then kept),
+e.g. ``paired.py docs/results/mixed-2bit/results.jsonl quip# mixed``.
 """
 
 from __future__ import annotations
@@ -25,15 +28,17 @@ METRICS = (
 )
 
 
-def main(path: str) -> None:
+def main(path: str, prefixes: tuple[str, ...] = ()) -> None:
+    pairs_of = prefixes or PAIRS_OF
     rows = load_results(path)
     by = {(r["model"], r["cell"], r["task"], r["metric"]): r for r in rows if "cell" in r}
     for model in sorted({k[0] for k in by}):
         cells = sorted({k[1] for k in by if k[0] == model})
-        two_bit = [c for c in cells if any(c.split("/", 1)[1].startswith(m) for m in PAIRS_OF)]
-        two_bit = [c for c in two_bit if "-b3" not in c and "-b4" not in c]
+        two_bit = [c for c in cells if any(c.split("/", 1)[1].startswith(m) for m in pairs_of)]
+        if not prefixes:
+            two_bit = [c for c in two_bit if "-b3" not in c and "-b4" not in c]
         two_bit.sort(
-            key=lambda c: next(i for i, m in enumerate(PAIRS_OF) if c.split("/", 1)[1].startswith(m))
+            key=lambda c: next(i for i, m in enumerate(pairs_of) if c.split("/", 1)[1].startswith(m))
         )
         print(f"## {model}\n")
         print("| a | b | metric | a − b [95 % CI] | p | verdict |\n|---|---|---|---|---|---|")
@@ -50,4 +55,4 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], tuple(sys.argv[2:]))
