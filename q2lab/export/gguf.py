@@ -142,23 +142,15 @@ def gguf_tensors(model: torch.nn.Module) -> list[GGUFTensor]:
 def model_plan(model: torch.nn.Module, file_type: str, has_imatrix: bool) -> tuple[FilePlan, dict[str, str]]:
     """llama.cpp's per-tensor types of ``file_type`` on ``model`` without copying any weight,
     and each linear's type by transformers module name (``model.layers.3.mlp.down_proj``)."""
-    cfg = model.config
     spec = arch_spec(model)
-    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
     shapes: dict[str, tuple[tuple[int, ...], str]] = {}
     for key, value in model.state_dict().items():
         named = gguf_name(key, spec, tied) if torch.is_floating_point(value) else None
         if named is not None:
             shapes[named[0]] = (tuple(value.shape), named[1])
     order = sorted(shapes, key=_sort_key)
-    plan = plan_file(
-        file_type,
-        [(name, shapes[name][0]) for name in order],
-        n_head=cfg.num_attention_heads,
-        n_head_kv=cfg.num_key_value_heads,
-        n_layer=cfg.num_hidden_layers,
-        has_imatrix=has_imatrix,
-    )
+    plan = plan_for(model, file_type, [(name, shapes[name][0]) for name in order], has_imatrix)
     return plan, {shapes[t.name][1]: t.type for t in plan.tensors if shapes[t.name][1]}
 
 
@@ -203,11 +195,14 @@ def source_gguf(loaded) -> Path | None:
     return path if path.suffix == ".gguf" and path.is_file() else None
 
 
-def plan_for(loaded, file_type: str, tensors: list[GGUFTensor], has_imatrix: bool) -> FilePlan:
-    cfg = loaded.model.config
+def plan_for(
+    model: torch.nn.Module, file_type: str, tensors: list[tuple[str, tuple[int, ...]]], has_imatrix: bool
+) -> FilePlan:
+    """The recipe of ``file_type`` for ``tensors`` (GGUF name, shape; llama.cpp's order) of ``model``."""
+    cfg = model.config
     return plan_file(
         file_type,
-        [(t.name, tuple(t.data.shape)) for t in tensors],
+        tensors,
         n_head=cfg.num_attention_heads,
         n_head_kv=cfg.num_key_value_heads,
         n_layer=cfg.num_hidden_layers,
@@ -232,7 +227,8 @@ def export_gguf(
     import gguf
 
     tensors = gguf_tensors(loaded.model)
-    plan = plan_for(loaded, file_type, tensors, imatrix is not None and len(imatrix) > 0)
+    named_shapes = [(t.name, tuple(t.data.shape)) for t in tensors]
+    plan = plan_for(loaded.model, file_type, named_shapes, imatrix is not None and len(imatrix) > 0)
     _check_imatrix(plan, imatrix)
     src = source_gguf(loaded)
     out = Path(out)
