@@ -82,7 +82,9 @@ class MixedConfig(MethodConfig):
     bits: int = field(default=0, metadata={"help": "the base method's bits (set, not chosen)"})
 
     def validate(self) -> None:
-        base = self.parsed()[-1]
+        # parsed once here (sub-configs validated, patterns compiled); configs are not mutated
+        self._parsed = self._parse_entries()
+        base = self._parsed[-1]
         if base.config is None:
             raise ConfigError("mixed: base cannot be fp (use the study's fp reference)")
         if self.bits not in (0, base.config.bits):
@@ -92,6 +94,9 @@ class MixedConfig(MethodConfig):
 
     def parsed(self) -> list[_Rule]:
         """The rules, then the base (pattern None)."""
+        return self._parsed
+
+    def _parse_entries(self) -> list[_Rule]:
         if not isinstance(self.rules, list):
             raise ConfigError(f"mixed: rules must be a list, got {self.rules!r}")
         rules = [_parse(r, f"rule {i + 1}", True) for i, r in enumerate(self.rules)]
