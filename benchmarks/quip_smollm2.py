@@ -21,7 +21,7 @@ import torch
 
 from q2lab.calib.store import CalibSpec, calibrate
 from q2lab.eval.tasks import Evaluator, parse_task
-from q2lab.finetune import finetune_windows
+from q2lab.finetune import finetuner
 from q2lab.models import load_model
 from q2lab.quant import make_config
 from q2lab.quant.model import quantize_model
@@ -49,8 +49,7 @@ def main() -> None:
         opts["finetune"] = json.loads(args.finetune)
     cfg = make_config(args.method, opts)
     t0 = time.time()
-    windows = finetune_windows(cand, store, cfg)
-    report = quantize_model(cand.model, args.method, cfg, store, windows=windows)
+    report = quantize_model(cand.model, args.method, cfg, store, tuner=finetuner(cand, store, cfg))
     seconds = time.time() - t0
     deadline = time.time() + 60 * args.wait_ref
     while time.time() < deadline and not list(Path(args.workdir).glob("reference-*.json")):

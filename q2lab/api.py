@@ -17,7 +17,7 @@ from q2lab.calib.store import calibrate as _calibrate
 from q2lab.errors import ConfigError
 from q2lab.eval.records import Record
 from q2lab.eval.tasks import Evaluator, check_data, parse_task
-from q2lab.finetune import finetune_windows
+from q2lab.finetune import finetuner
 from q2lab.models.loader import LoadedModel, load_model
 from q2lab.quant.base import get_quantizer, make_config
 from q2lab.quant.model import quantize_model
@@ -83,7 +83,7 @@ def quantize(
     store = None
     if get_quantizer(method).uses_hessian(cfg):
         store = _hessians(loaded, calib, CalibSpec(corpus, windows, ctx, seed))
-    report = quantize_model(loaded.model, method, cfg, store, windows=finetune_windows(loaded, store, cfg))
+    report = quantize_model(loaded.model, method, cfg, store, tuner=finetuner(loaded, store, cfg))
     summary = report.to_dict(per_layer=True)
     if store is not None:
         summary["hessians"] = store.describe()

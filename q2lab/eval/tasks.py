@@ -17,9 +17,11 @@ Task strings (CLI ``--task``, study YAML ``tasks:``) are ``KIND:DATA``:
                            :mod:`q2lab.eval.harness` (needs ``q2lab[eval]``): acc, acc_norm
 =========================  ==========================================================
 
-``ppl`` and ``kld`` on the same corpus and windows share one candidate forward pass.  The
-reference's outputs (KLD log-probs, generation thresholds) are computed once per evaluator and
-reused for every candidate, so a study pays for the reference once.
+Each kind is a registered :class:`~q2lab.eval.registry.TaskKind` (:mod:`q2lab.eval.kinds`, one
+module per kind): its option defaults, its data check and how it runs; :class:`Evaluator` looks
+kinds up by name.  ``ppl`` and ``kld`` on the same corpus and windows share one candidate
+forward pass.  The reference's outputs (KLD log-probs, generation thresholds) are computed once
+per evaluator and reused for every candidate, so a study pays for the reference once.
 """
 
 from __future__ import annotations
@@ -31,21 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from q2lab.data.text import corpus_windows, load_corpus
 from q2lab.errors import ConfigError
-from q2lab.eval.likelihood import ReferenceCache, kld_records, ppl_records, score_windows
 from q2lab.eval.records import Record
+from q2lab.eval.registry import get_kind, kind_names
 from q2lab.models.loader import LoadedModel
 from q2lab.utils.io import sha256_json
-
-KINDS = ("ppl", "kld", "mc", "gen", "harness", "ifeval")
-GEN_ALIASES = {"collapse": "default"}
-
-
-# Kinds that compare a candidate with the reference: the reference cell has no rows for them.
-COMPARISON_KINDS = frozenset({"kld"})
 
 
 @dataclass(frozen=True)
@@ -67,7 +59,7 @@ class TaskSpec:
 
     def applies_to(self, is_reference: bool) -> bool:
         """Whether a cell gets rows for this task (the reference has no KLD to itself)."""
-        return not (is_reference and self.kind in COMPARISON_KINDS)
+        return not (is_reference and get_kind(self.kind).compares_to_reference)
 
     def key(self) -> str:
         """Hash of everything that changes the task's numbers (for resumable studies).  Fields
@@ -103,14 +95,10 @@ def parse_task(spec: str | dict[str, Any], **defaults: Any) -> TaskSpec:
     else:
         raise ConfigError(f"a task must be a string like 'ppl:wikitext2' or a mapping, got {spec!r}")
     kind, sep, data = name.partition(":")
-    if not sep or kind not in KINDS or not data:
-        raise ConfigError(f"task {name!r} must look like KIND:DATA with KIND one of {', '.join(KINDS)}")
-    if kind not in ("ppl", "kld"):
-        opts.pop("windows", None)
-    if kind == "ifeval" and "max_new_tokens" not in opts:
-        from q2lab.eval.ifeval import DEFAULT_MAX_NEW_TOKENS
-
-        opts["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
+    kinds = kind_names()
+    if not sep or kind not in kinds or not data:
+        raise ConfigError(f"task {name!r} must look like KIND:DATA with KIND one of {', '.join(kinds)}")
+    get_kind(kind).prepare_options(opts)
     t = opts.get("temperature")
     if t is not None and (isinstance(t, bool) or not isinstance(t, int | float) or not t > 0):
         raise ConfigError(f"task {name}: temperature must be a number > 0 (or null for greedy), got {t!r}")
@@ -128,25 +116,7 @@ def parse_task(spec: str | dict[str, Any], **defaults: Any) -> TaskSpec:
 
 def check_data(task: TaskSpec) -> None:
     """Resolve a task's data now, so a typo fails before any model is loaded."""
-    if task.kind in ("ppl", "kld"):
-        load_corpus(task.data, role="eval")
-    elif task.kind in ("mc", "harness"):
-        from q2lab.data.tasks.mc import load_mc_task
-
-        load_mc_task(task.data, limit=task.limit)
-        if task.kind == "harness":
-            from q2lab.eval.harness import _require
-
-            _require()
-    elif task.kind == "ifeval":
-        from q2lab.eval.ifeval import _registry, load_ifeval
-
-        load_ifeval(task.data, limit=task.limit)
-        _registry()
-    else:
-        from q2lab.eval.generation import load_prompts
-
-        load_prompts(GEN_ALIASES.get(task.data, task.data))
+    get_kind(task.kind).check_data(task)
 
 
 @dataclass
@@ -157,9 +127,7 @@ class Evaluator:
     workdir: Path | None = None  # where reference log-probs are cached (None: in lockstep)
     timings: dict[str, float] = field(default_factory=dict)
     candidate_key: str | None = None  # names the candidate in resume files (a study sets the cell id)
-    _ref_caches: dict[str, ReferenceCache] = field(default_factory=dict)
-    _thresholds: dict[str, Any] = field(default_factory=dict)
-    _ref_samples: dict[str, Any] = field(default_factory=dict)  # reference generations per gen task
+    _caches: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def run(
         self,
@@ -178,23 +146,13 @@ class Evaluator:
             if task in done:
                 continue
             t0 = time.time()
-            if task.kind in ("ppl", "kld"):
-                twins = [
-                    t
-                    for t in tasks
-                    if t.kind in ("ppl", "kld")
-                    and (t.data, t.windows, t.ctx) == (task.data, task.windows, task.ctx)
-                ]
-                done.update(twins)
-                records += self._likelihood(candidate, twins, is_reference)
-            elif task.kind == "mc":
-                records += self._mc(candidate, task)
-            elif task.kind == "harness":
-                records += self._harness(candidate, task)
-            elif task.kind == "ifeval":
-                records += self._ifeval(candidate, task)
-            else:
-                records += self._gen(candidate, task, is_reference)
+            kind = get_kind(task.kind)
+            shared = kind.shared_pass(task)
+            group = (
+                [task] if shared is None else [t for t in tasks if get_kind(t.kind).shared_pass(t) == shared]
+            )
+            done.update(group)
+            records += kind.run(self, candidate, group, is_reference)
             done.add(task)
             self.timings[task.label] = round(time.time() - t0, 2)
             if on_records is not None:
@@ -202,178 +160,13 @@ class Evaluator:
                 reported = {t.label for t in done}
         return records
 
-    # ----------------------------------------------------------------- ppl / kld
-    def _likelihood(self, candidate: LoadedModel, twins: list[TaskSpec], is_reference: bool) -> list[Record]:
-        task = twins[0]
-        want_kld = any(t.kind == "kld" for t in twins) and not is_reference
-        if want_kld and self.reference is None:
-            raise ConfigError(f"task kld:{task.data} needs a reference model (--ref)")
-        corpus = load_corpus(task.data, role="eval")
-        windows = corpus_windows(candidate, corpus, task.windows, task.ctx)
-        reference = self._reference_logprobs(task, corpus.sha256, windows) if want_kld else None
-        stats = score_windows(candidate.model, windows, reference, desc=f"{task.data} ppl/kld")
-        details = {
-            "data": corpus.name,
-            "data_sha256": corpus.sha256,
-            "windows": int(windows.shape[0]),
-            "ctx": task.ctx,
-            "add_bos": candidate.info.add_bos,
-            "scored": "positions 1..ctx-1 of each window",
-            "tokens_scored": int(sum(stats.tokens)),
-        }
-        out: list[Record] = []
-        for t in twins:
-            if t.kind == "ppl":
-                out += ppl_records(t.label, stats, details)
-            elif want_kld:
-                out += kld_records(t.label, stats, details)
-        return out
+    def cache(self, name: str) -> dict[str, Any]:
+        """A kind's cache of reference outputs under ``name``, kept for this evaluator's life."""
+        return self._caches.setdefault(name, {})
 
-    def _reference_logprobs(self, task: TaskSpec, corpus_sha: str, windows: torch.Tensor):
-        assert self.reference is not None
-        if self.workdir is None:
-            return self.reference.model
-        key = sha256_json(
-            [
-                self.reference.info.fingerprint,
-                corpus_sha,
-                task.windows,
-                task.ctx,
-                windows.shape[0],
-                self.reference.info.add_bos,
-            ]
-        )[:16]
-        if key not in self._ref_caches:
-            path = Path(self.workdir) / f"reference-{key}.f16"
-            self._ref_caches[key] = ReferenceCache.build(self.reference.model, windows, path, key)
-        return self._ref_caches[key]
-
-    # ----------------------------------------------------------------- multiple choice
-    def _mc(self, candidate: LoadedModel, task: TaskSpec) -> list[Record]:
-        from q2lab.data.tasks.mc import load_mc_task
-        from q2lab.eval.multiple_choice import mc_records, score_mc
-
-        mc = load_mc_task(task.data, limit=task.limit)
-        kw = {"batch_size": task.batch_size} if task.batch_size else {}
-        return mc_records(task.label, mc, score_mc(candidate, mc, **kw))
-
-    def _harness(self, candidate: LoadedModel, task: TaskSpec) -> list[Record]:
-        """lm-eval's own log-likelihoods on q2lab's items, recorded like ``mc:`` (with per-item
-        units), so a report can pair the two scorers item by item."""
-        import numpy as np
-
-        from q2lab.data.tasks.mc import load_mc_task
-        from q2lab.eval.harness import run_harness_mc
-        from q2lab.eval.multiple_choice import MCResult, mc_records
-
-        mc = load_mc_task(task.data, limit=task.limit)
-        out = run_harness_mc(candidate, [mc], batch_size=task.batch_size or 8)[mc.name]
-        result = MCResult(
-            task=mc.name,
-            loglik=out.loglik,
-            lengths=[np.array([len(c) for c in item.choices], dtype=np.float64) for item in mc.items],
-            labels=np.array([item.label for item in mc.items], dtype=np.int64),
-            truncated=np.zeros(len(mc.items), dtype=bool),
-        )
-        records = mc_records(task.label, mc, result)
-        for r in records:
-            r.details["scorer"] = "lm-eval HFLM (simple_evaluate)"
-        return records
-
-    def _ifeval(self, candidate: LoadedModel, task: TaskSpec) -> list[Record]:
-        """IFEval answers are the longest generation q2lab runs: with a workdir, finished
-        answers go to a resume file per candidate and task, so an interrupted run continues."""
-        from q2lab.eval.ifeval import ifeval_records, load_ifeval, run_ifeval
-
-        data = load_ifeval(task.data, limit=task.limit)
-        resume = self._resume_file(candidate, task, "ifeval")
-        run = run_ifeval(
-            candidate,
-            data,
-            max_new_tokens=task.max_new_tokens,
-            chat=task.chat,
-            batch_size=task.batch_size or 8,
-            resume=resume,
-        )
-        return ifeval_records(task.label, data, run)
-
-    def _resume_file(self, candidate: LoadedModel, task: TaskSpec, what: str) -> Path | None:
+    def resume_file(self, candidate: LoadedModel, task: TaskSpec, what: str) -> Path | None:
         """Where a long task keeps its partial results, keyed by candidate and task settings."""
         if self.workdir is None:
             return None
         who = self.candidate_key or candidate.info.fingerprint
         return Path(self.workdir) / "partial" / f"{what}-{sha256_json([who, task.key()])[:16]}.jsonl"
-
-    # ----------------------------------------------------------------- generation
-    def _gen(self, candidate: LoadedModel, task: TaskSpec, is_reference: bool) -> list[Record]:
-        """Generations (greedy, or seeded sampling with ``temperature``), judged against
-        thresholds calibrated on the reference's own generations; the reference also scores
-        the candidate's text (NLL), which catches fluent-looking word salad that repetition
-        metrics miss, and both models are compared teacher-forced along each other's text."""
-        from q2lab.eval.generation import (
-            collapse_records,
-            continuation_kld,
-            divergence_records,
-            reference_nll,
-        )
-
-        prompts = self._gen_prompts(candidate, task)
-        samples = self._generate(candidate, prompts, task)
-        thresholds = self._gen_thresholds(task, prompts, samples if is_reference else None)
-        ref_nll = reference_nll(self.reference, samples) if self.reference is not None else None
-        records = collapse_records(task.label, samples, thresholds, ref_nll=ref_nll, prompt_set=prompts)
-        if self.reference is not None and not is_reference:
-            ref_samples = self._ref_samples[self._gen_key(task, prompts)]
-            tf = continuation_kld(self.reference, candidate, ref_samples)
-            fr = continuation_kld(self.reference, candidate, samples)
-            records += divergence_records(
-                task.label, ref_samples, samples, tf, fr, greedy=task.temperature is None
-            )
-        return records
-
-    @staticmethod
-    def _gen_prompts(candidate: LoadedModel, task: TaskSpec):
-        """The prompt set, cut to ``limit`` and rendered through the chat template if asked."""
-        from q2lab.eval.generation import PromptSet, chat_prompt, load_prompts
-
-        prompts = load_prompts(GEN_ALIASES.get(task.data, task.data))
-        texts = prompts.prompts[: task.limit] if task.limit else prompts.prompts
-        if task.chat:
-            texts = tuple(chat_prompt(candidate, p, True) for p in texts)
-        if texts == prompts.prompts:
-            return prompts
-        return PromptSet.from_prompts(prompts.name, texts)
-
-    @staticmethod
-    def _generate(model: LoadedModel, prompts, task: TaskSpec):
-        from q2lab.eval.generation import generate
-
-        greedy = task.temperature is None
-        return generate(
-            model,
-            prompts,
-            max_new_tokens=task.max_new_tokens,
-            greedy=greedy,
-            temperature=1.0 if greedy else float(task.temperature),
-            seed=task.seed,
-            batch_size=task.batch_size or 8,
-        )
-
-    @staticmethod
-    def _gen_key(task: TaskSpec, prompts) -> str:
-        return f"{task.key()}|{prompts.sha256}"
-
-    def _gen_thresholds(self, task: TaskSpec, prompts, own_samples):
-        from q2lab.eval.generation import CollapseThresholds, reference_nll
-
-        key = self._gen_key(task, prompts)
-        if key not in self._thresholds:
-            if self.reference is None:
-                self._thresholds[key] = CollapseThresholds()
-            else:
-                ref_samples = own_samples or self._generate(self.reference, prompts, task)
-                self._ref_samples[key] = ref_samples
-                self._thresholds[key] = CollapseThresholds.from_reference(
-                    ref_samples, ref_nll=reference_nll(self.reference, ref_samples)
-                )
-        return self._thresholds[key]

@@ -15,7 +15,6 @@ Everything is written to a temporary file and renamed, so a failure leaves no pa
 from __future__ import annotations
 
 import functools
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,47 +23,11 @@ import numpy as np
 import torch
 
 from q2lab.errors import ConfigError, CorruptFileError, ModelError
+from q2lab.quant.ggml.archs import TOP_NAMES, arch_spec, gguf_name, gguf_order, plan_for
 from q2lab.quant.ggml.imatrix import Imatrix
-from q2lab.quant.ggml.recipes import FilePlan, plan_file
+from q2lab.quant.ggml.recipes import FilePlan
 from q2lab.utils.io import atomic_path
 
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-_BLOCK_NAMES = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
-_GEMMA3_BLOCK_NAMES = _BLOCK_NAMES | {
-    "self_attn.q_norm.weight": "attn_q_norm.weight",
-    "self_attn.k_norm.weight": "attn_k_norm.weight",
-    "post_attention_layernorm.weight": "post_attention_norm.weight",  # after attention, not before the FFN
-    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
-    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
-}
-_TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """How one transformers architecture maps onto a llama.cpp one."""
-
-    gguf_arch: str
-    block_names: dict[str, str]
-    permute_qk: bool  # llama.cpp's "normal" rope wants interleaved Q/K rows; NeoX-rope archs do not
-    norm_offset: float  # stored norm = HF weight + offset (Gemma multiplies by 1 + w)
-
-
-ARCHS = {
-    "llama": ArchSpec("llama", _BLOCK_NAMES, True, 0.0),
-    "gemma3_text": ArchSpec("gemma3", _GEMMA3_BLOCK_NAMES, False, 1.0),
-}
-SUPPORTED_ARCHS = tuple(ARCHS)
 _SKIP_KEYS = ("GGUF.", "general.architecture", "general.file_type", "general.quantization_version")
 
 
@@ -79,39 +42,8 @@ class GGUFTensor:
     blocks_type: str | None = None
 
 
-def _sort_key(name: str) -> tuple[int, str]:
-    m = re.match(r"^blk\.(\d+)\.", name)
-    return (int(m.group(1)) if m else -1, name)
-
-
-def arch_spec(model: torch.nn.Module) -> ArchSpec:
-    """The llama.cpp mapping of ``model``'s architecture, or a clear error for the others."""
-    model_type = model.config.model_type
-    if model_type not in ARCHS:
-        raise ConfigError(f"GGUF export supports {', '.join(ARCHS)} models; this one is {model_type!r}")
-    return ARCHS[model_type]
-
-
 def _is_norm(key: str) -> bool:
     return key.endswith("norm.weight")
-
-
-def gguf_name(key: str, spec: ArchSpec, tied: bool) -> tuple[str, str] | None:
-    """(GGUF name, transformers module or "") of the state-dict entry ``key``; ``None`` for
-    entries llama.cpp does not store (a tied ``lm_head``, rotary caches).  The one home of the
-    transformers → llama.cpp tensor naming, for export and for recipes applied in place."""
-    if key == "lm_head.weight":
-        return None if tied else ("output.weight", "lm_head")
-    if key in _TOP_NAMES:
-        return _TOP_NAMES[key], ""
-    m = _LAYER.match(key)
-    if not m or m.group(2) not in spec.block_names:
-        if key.endswith("rotary_emb.inv_freq"):
-            return None
-        raise ConfigError(f"GGUF export: no GGUF name for tensor {key} of this {spec.gguf_arch} model")
-    local = m.group(2)
-    module = key.rsplit(".", 1)[0] if local.endswith("proj.weight") else ""
-    return f"blk.{int(m.group(1))}.{spec.block_names[local]}", module
 
 
 def gguf_tensors(model: torch.nn.Module) -> list[GGUFTensor]:
@@ -136,22 +68,7 @@ def gguf_tensors(model: torch.nn.Module) -> list[GGUFTensor]:
             data = _permute(data, *heads)
             blocks = None if blocks is None else _permute(blocks, *heads)
         out[name] = GGUFTensor(name, module, data, blocks, btype)
-    return [out[k] for k in sorted(out, key=_sort_key)]
-
-
-def model_plan(model: torch.nn.Module, file_type: str, has_imatrix: bool) -> tuple[FilePlan, dict[str, str]]:
-    """llama.cpp's per-tensor types of ``file_type`` on ``model`` without copying any weight,
-    and each linear's type by transformers module name (``model.layers.3.mlp.down_proj``)."""
-    spec = arch_spec(model)
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    shapes: dict[str, tuple[tuple[int, ...], str]] = {}
-    for key, value in model.state_dict().items():
-        named = gguf_name(key, spec, tied) if torch.is_floating_point(value) else None
-        if named is not None:
-            shapes[named[0]] = (tuple(value.shape), named[1])
-    order = sorted(shapes, key=_sort_key)
-    plan = plan_for(model, file_type, [(name, shapes[name][0]) for name in order], has_imatrix)
-    return plan, {shapes[t.name][1]: t.type for t in plan.tensors if shapes[t.name][1]}
+    return [out[k] for k in sorted(out, key=gguf_order)]
 
 
 def _float_weights(model: torch.nn.Module) -> dict[str, np.ndarray]:
@@ -193,21 +110,6 @@ def source_gguf(loaded) -> Path | None:
     """The GGUF file ``loaded`` was converted from, if any (its metadata and tokenizer are reused)."""
     path = Path(loaded.info.path or "")
     return path if path.suffix == ".gguf" and path.is_file() else None
-
-
-def plan_for(
-    model: torch.nn.Module, file_type: str, tensors: list[tuple[str, tuple[int, ...]]], has_imatrix: bool
-) -> FilePlan:
-    """The recipe of ``file_type`` for ``tensors`` (GGUF name, shape; llama.cpp's order) of ``model``."""
-    cfg = model.config
-    return plan_file(
-        file_type,
-        tensors,
-        n_head=cfg.num_attention_heads,
-        n_head_kv=cfg.num_key_value_heads,
-        n_layer=cfg.num_hidden_layers,
-        has_imatrix=has_imatrix,
-    )
 
 
 def imatrix_names(tensors: list[GGUFTensor]) -> dict[str, str]:
@@ -425,7 +327,7 @@ def load_into(loaded, path: str | Path) -> None:
     values = dequantized_state(path)
     by_gguf = {t.name: t for t in gguf_tensors(loaded.model)}
     state = loaded.model.state_dict()
-    inverse = {v: k for k, v in _TOP_NAMES.items()}
+    inverse = {v: k for k, v in TOP_NAMES.items()}
     inverse_block = {v: k for k, v in spec.block_names.items()}
     for name, arr in values.items():
         if name == "output.weight":

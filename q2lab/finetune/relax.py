@@ -10,7 +10,8 @@ Writing back is exact in the stored format: the gains go to two fp16 vectors ``g
 own stored dtype (float32 for QuIP#, fp16 for QTIP), so the reloaded model is the tuned one.
 
 Any method whose :class:`~q2lab.quant.base.QuantizedTensor` stores ``s_out``, ``s_in`` (packed
-signs) and ``scale``, and decodes through :func:`stored_rht`, can be fine-tuned.
+signs) and ``scale``, and decodes through :func:`q2lab.quant.rht_linear.stored_rht`, can be
+fine-tuned.
 """
 
 from __future__ import annotations
@@ -23,24 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from q2lab.quant.base import QuantizedTensor, get_quantizer
+from q2lab.quant.base import get_quantizer
 from q2lab.quant.linear import QuantLinear
-from q2lab.transforms.hadamard import RHT, unpack_signs
 
 GAIN_DTYPE = torch.float16
-
-
-def stored_rht(qt: QuantizedTensor) -> RHT:
-    """The RHT a stored tensor decodes with: its sign vectors, times its gains when tuned."""
-    m, n = qt.shape
-    t = qt.tensors
-    dev = t["scale"].device
-    s_out = unpack_signs(t["s_out"], m).to(dev)
-    s_in = unpack_signs(t["s_in"], n).to(dev)
-    if "g_out" in t:
-        s_out = s_out * t["g_out"].float()
-        s_in = s_in * t["g_in"].float()
-    return RHT(s_out, s_in)
 
 
 def tunable(mod: nn.Module) -> bool:

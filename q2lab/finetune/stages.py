@@ -30,10 +30,10 @@ from q2lab.calib.capture import (
     capture_block_calls,
     capture_block_inputs,
 )
-from q2lab.finetune.config import FinetuneConfig
 from q2lab.finetune.relax import relaxed
 from q2lab.finetune.train import fit, topk_kl
 from q2lab.models.arch import find_decoder
+from q2lab.quant.finetune_option import FinetuneConfig
 from q2lab.utils.progress import progress
 
 

@@ -89,7 +89,7 @@ def load_model(
         )
     if path.exists():
         if path.is_dir() and (path / CHECKPOINT_MANIFEST).exists():
-            from q2lab.export.checkpoint import load_checkpoint
+            from q2lab.models.checkpoint import load_checkpoint
 
             return load_checkpoint(path, device=device)
         if path.is_file():

@@ -12,8 +12,9 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -23,6 +24,7 @@ from q2lab.calib.store import HessianStore
 from q2lab.errors import ConfigError
 from q2lab.models.arch import find_decoder
 from q2lab.quant.base import MethodConfig, QuantizedTensor, get_quantizer
+from q2lab.quant.finetune_option import finetune_of
 from q2lab.quant.linear import QuantLinear
 from q2lab.utils.progress import progress
 
@@ -114,6 +116,21 @@ def proxy_rel(weight: torch.Tensor, deq: torch.Tensor, hessian: Hessian) -> floa
     return float(((e @ h) * e).sum()) / den if den > 0 else 0.0
 
 
+class BlockTuner(Protocol):
+    """What :func:`quantize_model` calls around each block when a method config asks for
+    fine-tuning; :class:`q2lab.finetune.stages.FinetuneRun` is the implementation."""
+
+    def before_block(self, b: int) -> None: ...
+
+    def after_block(self, b: int) -> None: ...
+
+    def finish(self) -> dict[str, Any]: ...
+
+
+# Called with the model once the configuration is checked and before any block is rounded.
+TunerFactory = Callable[[nn.Module], BlockTuner]
+
+
 def _selected(name: str, skip: list[str]) -> bool:
     return not any(re.search(p, name) for p in skip)
 
@@ -126,12 +143,13 @@ def quantize_model(
     *,
     skip: list[str] | None = None,
     cache_weight: bool = True,
-    windows: torch.Tensor | None = None,
+    tuner: TunerFactory | None = None,
 ) -> QuantReport:
     """Quantize ``model``'s decoder linears in place with ``method``; returns the report.
 
-    When ``cfg`` has a ``finetune`` section, ``windows`` (token ids, n × ctx; see
-    :func:`q2lab.finetune.finetune_windows`) feed the two fine-tuning stages."""
+    When ``cfg`` has a ``finetune`` section, ``tuner`` runs the two fine-tuning stages: pass
+    :func:`q2lab.finetune.finetuner` ``(loaded, store, cfg)``.  Methods never import training
+    code; this hook is how a method's ``finetune:`` option reaches it."""
     quantizer = get_quantizer(method)
     if quantizer.uses_hessian(cfg) and store is None:
         raise ConfigError(
@@ -142,22 +160,22 @@ def quantize_model(
     layout = find_decoder(model)
     report = QuantReport(quantizer.name, cfg.to_dict())
     t_start = time.time()
-    tuner = _finetune_run(model, cfg, windows)
+    run = _tuner(model, cfg, tuner)
     assigned = quantizer.layer_methods(model, cfg)
     for b in progress(range(len(layout)), f"quantize {quantizer.name}", len(layout), unit="block"):
         linears = {
             n: m for n, m in layout.block_linears(b).items() if _selected(layout.full_name(b, n), skip)
         }
-        if tuner is not None:
-            tuner.before_block(b)
+        if run is not None:
+            run.before_block(b)
         for group, q, c in _assign(
             layout, b, _input_groups(layout, b, linears, store), assigned, quantizer, cfg
         ):
             _quantize_group(model, layout, b, group, linears, q, c, store, report, cache_weight)
-        if tuner is not None:
-            tuner.after_block(b)
-    if tuner is not None:
-        report.finetune = tuner.finish()
+        if run is not None:
+            run.after_block(b)
+    if run is not None:
+        report.finetune = run.finish()
         _recount(model, report)
     report.seconds = time.time() - t_start
     quantized = {id(m) for m in model.modules() if isinstance(m, QuantLinear)}
@@ -173,20 +191,16 @@ def quantize_model(
     return report
 
 
-def _finetune_run(model: nn.Module, cfg: MethodConfig, windows: torch.Tensor | None):
+def _tuner(model: nn.Module, cfg: MethodConfig, factory: TunerFactory | None) -> BlockTuner | None:
     """The fine-tuning driver when ``cfg`` asks for it (None otherwise)."""
-    from q2lab.finetune.config import finetune_of
-
-    ft = finetune_of(cfg)
-    if ft is None:
+    if finetune_of(cfg) is None:
         return None
-    if windows is None:
+    if factory is None:
         raise ConfigError(
-            "fine-tuning needs calibration windows; pass windows= (see q2lab.finetune.finetune_windows)"
+            "fine-tuning needs calibration windows and the q2lab.finetune stages; "
+            "pass tuner=q2lab.finetune.finetuner(loaded, store, cfg)"
         )
-    from q2lab.finetune.stages import FinetuneRun
-
-    return FinetuneRun(model, ft, windows)
+    return factory(model)
 
 
 def _recount(model: nn.Module, report: QuantReport) -> None:

@@ -36,12 +36,11 @@ import torch
 from q2lab.calib.hessian import Hessian
 from q2lab.codebooks import e8p
 from q2lab.errors import ConfigError, ShapeError
-from q2lab.finetune.config import FinetuneOption, finetune_option
-from q2lab.finetune.relax import stored_rht
 from q2lab.quant.base import MethodConfig, QuantizedTensor, StackedQuantizer, option, register
+from q2lab.quant.finetune_option import FinetuneOption, finetune_option
 from q2lab.quant.gptq import prepare_hessian
 from q2lab.quant.ldlq import cholesky_factor, ldlq
-from q2lab.quant.rht_linear import RHTLinear
+from q2lab.quant.rht_linear import RHTLinear, stored_rht
 from q2lab.transforms.hadamard import RHT, pack_signs
 
 G = e8p.DIM

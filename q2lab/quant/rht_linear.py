@@ -6,6 +6,10 @@ the layer behaves like any :class:`~q2lab.quant.linear.QuantLinear`; without, ea
 ``y = Uᵀ(W̃ (V x))``: two fast Hadamard transforms of the activations and the decode of
 ``chunk_rows`` output rows at a time, so the float matrix is never held — the memory a GPU
 kernel would save, and the path such a kernel replaces.
+
+:func:`stored_rht` is the one decode of a stored tensor's RHT (packed signs ``s_out``, ``s_in``,
+times the fp16 gains ``g_out``, ``g_in`` that fine-tuning may have written): methods decode
+through it and :mod:`q2lab.finetune.relax` tunes what it reads.
 """
 
 from __future__ import annotations
@@ -13,9 +17,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from q2lab.finetune.relax import stored_rht
+from q2lab.quant.base import QuantizedTensor
 from q2lab.quant.linear import QuantLinear
-from q2lab.transforms.hadamard import hadamard_transform
+from q2lab.transforms.hadamard import RHT, hadamard_transform, unpack_signs
+
+
+def stored_rht(qt: QuantizedTensor) -> RHT:
+    """The RHT a stored tensor decodes with: its sign vectors, times its gains when tuned."""
+    m, n = qt.shape
+    t = qt.tensors
+    dev = t["scale"].device
+    s_out = unpack_signs(t["s_out"], m).to(dev)
+    s_in = unpack_signs(t["s_in"], n).to(dev)
+    if "g_out" in t:
+        s_out = s_out * t["g_out"].float()
+        s_in = s_in * t["g_in"].float()
+    return RHT(s_out, s_in)
 
 
 class RHTLinear(QuantLinear):

@@ -25,7 +25,7 @@ import torch
 
 from q2lab.errors import ConfigError
 from q2lab.quant.base import QuantizedTensor, index_bits
-from q2lab.quant.packing import pack_bits, unpack_bits
+from q2lab.utils.packing import pack_bits, unpack_bits
 
 ClipMode = Literal["minmax", "mse"]
 _FP16_MAX = 65504.0

@@ -20,15 +20,35 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from q2lab.study import report as rp
+from q2lab.study.analysis import (
+    GEN_COLLAPSED,
+    MC_KEPT,
+    find_dissociations,
+    headline_columns,
+    plot_columns,
+    retention_rows,
+)
+from q2lab.study.formatting import (
+    MAX_EXAMPLE_CHARS,
+    PAIRED_HEADER,
+    fmt,
+    fmt_bpw,
+    frontier_lines,
+    how_to_read,
+    main_table_rows,
+    metric_cells,
+    metric_header,
+    paired_table_rows,
+    provenance_lines,
+)
+from q2lab.study.plots import render_bars_png, render_pareto_png
+from q2lab.study.rows import ModelResults, ResultRow, group_by_model, parse_rows, task_kind
 
 HTML_NAME = "report.html"
-MC_KEPT, GEN_COLLAPSED = rp.MC_KEPT, rp.GEN_COLLAPSED  # the dissociation thresholds live in report.py
 
 _CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1200px;color:#222;padding:0 12px}
@@ -78,54 +98,9 @@ def _img(png: bytes, alt: str, ident: str) -> str:
     return f'<img id="{ident}" alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
-def _value(mr: rp.ModelResults, cell: rp.Cell | None, task: str, metric: str) -> float | None:
-    return None if cell is None else rp._value(mr, cell, task, metric)
-
-
 # --------------------------------------------------------------------------- retention
-def retention_rows(mr: rp.ModelResults) -> list[dict[str, Any]]:
-    """Per quantized cell: LL / MC / generation retention against the reference, KLDs, flag."""
-    ref = mr.reference
-    out = []
-    for cell in mr.quantized:
-        ll = _ratio_mean(mr, cell, ref, "ppl", ("ppl",), invert=True)
-        mc = _ratio_mean(mr, cell, ref, "mc", ("acc_norm", "acc"))
-        gen = _gen_retention(mr, cell, ref)
-        kept = [v for v in (ll, mc) if v is not None]
-        flag = bool(kept) and min(kept) >= MC_KEPT and gen is not None and gen < GEN_COLLAPSED
-        gen_tasks = [t for t in mr.tasks() if rp.task_kind(t) == "gen"]
-        tf = next((v for t in gen_tasks if (v := _value(mr, cell, t, "tf_kld")) is not None), None)
-        fr = next((v for t in gen_tasks if (v := _value(mr, cell, t, "fr_kld")) is not None), None)
-        out.append({"cell": cell, "ll": ll, "mc": mc, "gen": gen, "tf_kld": tf, "fr_kld": fr, "flag": flag})
-    return out
-
-
-def _ratio_mean(
-    mr: rp.ModelResults, cell: rp.Cell, ref: rp.Cell | None, kind: str, metrics: Sequence[str], invert=False
-) -> float | None:
-    ratios = []
-    for task in (t for t in mr.tasks() if rp.task_kind(t) == kind):
-        metric = next((m for m in metrics if m in mr.metrics(task)), None)
-        a, b = _value(mr, cell, task, metric or ""), _value(mr, ref, task, metric or "")
-        if a is not None and b:
-            ratios.append(b / a if invert and a else a / b)
-    return sum(ratios) / len(ratios) if ratios else None
-
-
-def _gen_retention(mr: rp.ModelResults, cell: rp.Cell, ref: rp.Cell | None) -> float | None:
-    vals = []
-    for task in (t for t in mr.tasks() if rp.task_kind(t) == "gen"):
-        c, r = _value(mr, cell, task, "collapse_rate"), _value(mr, ref, task, "collapse_rate")
-        if c is not None:
-            vals.append(rp._gen_retention(c, r))
-    return min(vals) if vals else None
-
-
-def _fmt(x: float | None, digits: int = 3) -> str:
-    return rp.MISSING if x is None else f"{x:.{digits}f}"
-
-
-def retention_table(mr: rp.ModelResults) -> str:
+def retention_table(mr: ModelResults) -> str:
+    """The dissociation table: what each quantized cell keeps of the reference, flagged rows red."""
     rows = retention_rows(mr)
     if not rows:
         return ""
@@ -141,74 +116,32 @@ def retention_table(mr: rp.ModelResults) -> str:
     ]
     body = [
         [
-            r["cell"].label,
-            rp._fmt_bpw(r["cell"]),
-            _fmt(r["ll"]),
-            _fmt(r["mc"]),
-            _fmt(r["gen"]),
-            _fmt(r["tf_kld"], 4),
-            _fmt(r["fr_kld"], 4),
-            "**dissociation**" if r["flag"] else "",
+            r.cell.label,
+            fmt_bpw(r.cell),
+            fmt(r.ll),
+            fmt(r.mc),
+            fmt(r.gen),
+            fmt(r.tf_kld, 4),
+            fmt(r.fr_kld, 4),
+            "**dissociation**" if r.flag else "",
         ]
         for r in rows
     ]
-    return _table(header, body, [r["flag"] for r in rows])
-
-
-# --------------------------------------------------------------------------- bars with CIs
-def render_bars_png(mr: rp.ModelResults) -> bytes | None:
-    """One panel per headline (task, metric): a bar per cell with its 95 % CI."""
-    cols = rp.headline_columns(mr)
-    if not cols:
-        return None
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    ncols = min(3, len(cols))
-    nrows = -(-len(cols) // ncols)
-    fig = Figure(figsize=(4.2 * ncols, 0.35 * len(mr.cells) * nrows + 1.3 * nrows), dpi=100)
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    labels = [c.label for c in mr.cells]
-    for k, (task, metric) in enumerate(cols):
-        ax = axes[k // ncols][k % ncols]
-        rows = [mr.get(c, task, metric) for c in mr.cells]
-        values = [rp._num(r.get("value")) if r else None for r in rows]
-        errs = [rp._yerr(r) if r else (0.0, 0.0) for r in rows]
-        ys = range(len(labels))
-        colours = ["0.35" if c.is_reference else "C0" for c in mr.cells]
-        ax.barh(
-            ys,
-            [v or 0.0 for v in values],
-            xerr=[[e[0] for e in errs], [e[1] for e in errs]],
-            color=colours,
-            capsize=2,
-        )
-        ax.set_yticks(list(ys), labels, fontsize=7)
-        ax.invert_yaxis()
-        ax.set_title(f"{task} {metric} {rp._arrow(rp._direction(mr, task, metric))}", fontsize=8)
-        ax.tick_params(axis="x", labelsize=7)
-        ax.grid(True, axis="x", alpha=0.3)
-    for k in range(len(cols), nrows * ncols):
-        axes[k // ncols][k % ncols].set_visible(False)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return _table(header, body, [r.flag for r in rows])
 
 
 # --------------------------------------------------------------------------- examples
-def _examples(row: dict[str, Any] | None) -> list[dict[str, Any]]:
-    ex = ((row or {}).get("details") or {}).get("examples") or []
+def _examples(row: ResultRow | None) -> list[dict[str, Any]]:
+    ex = ((row.details if row else None) or {}).get("examples") or []
     return [e for e in ex if isinstance(e, dict)]
 
 
-def examples_section(mr: rp.ModelResults) -> str:
+def examples_section(mr: ModelResults) -> str:
     """Each quantized cell's example generations next to the reference's for the same prompt."""
     parts = []
     ref = mr.reference
-    for task in (t for t in mr.tasks() if rp.task_kind(t) == "gen"):
-        ref_ex = {e.get("prompt"): e for e in _examples(mr.get(ref, task, "collapse_rate") if ref else None)}
+    for task in (t for t in mr.tasks() if task_kind(t) == "gen"):
+        ref_ex = {e.get("prompt"): e for e in _examples(mr.get(ref, task, "collapse_rate"))}
         for cell in mr.quantized:
             cand = _examples(mr.get(cell, task, "collapse_rate"))
             if not cand:
@@ -228,7 +161,7 @@ def _example_box(who: str, e: dict[str, Any] | None) -> str:
     if e is None:
         return f'<div><b>{html.escape(who)}</b><pre class="muted">(no example)</pre></div>'
     reasons = e.get("reasons") or []
-    text = str(e.get("text", ""))[: rp.MAX_EXAMPLE_CHARS]
+    text = str(e.get("text", ""))[:MAX_EXAMPLE_CHARS]
     cls = ' class="collapsed"' if reasons else ""
     why = f'<div class="reasons">{html.escape("; ".join(map(str, reasons)))}</div>' if reasons else ""
     return f"<div{cls}><b>{html.escape(who)}</b>{why}<pre>{html.escape(text)}</pre></div>"
@@ -236,17 +169,18 @@ def _example_box(who: str, e: dict[str, Any] | None) -> str:
 
 # --------------------------------------------------------------------------- page
 def render_html(
-    rows: Sequence[dict[str, Any]], title: str | None = None, pareto_png: bytes | None = None
+    rows: Sequence[Mapping[str, Any] | ResultRow], title: str | None = None, pareto_png: bytes | None = None
 ) -> str:
     """The whole page as text (``pareto_png`` reuses a figure already rendered for report.md)."""
-    models = rp.group_by_model(rows)
+    rows = parse_rows(rows)
+    models = group_by_model(rows)
     title = title or "q2lab study report"
-    parts = [f"<h1>{html.escape(title)}</h1>", f"<p>{_inline(rp.how_to_read(rows))}</p>"]
+    parts = [f"<h1>{html.escape(title)}</h1>", f"<p>{_inline(how_to_read(rows))}</p>"]
     parts += ["<h2>Provenance</h2><ul>"]
-    parts += [f"<li>{_inline(line.removeprefix('- '))}</li>" for line in rp.provenance_lines(rows, models)]
+    parts += [f"<li>{_inline(line.removeprefix('- '))}</li>" for line in provenance_lines(rows, models)]
     parts.append("</ul>")
-    if any(rp.plot_columns(mr) for mr in models):
-        png = pareto_png if pareto_png is not None else rp.render_pareto_png(models)
+    if any(plot_columns(mr) for mr in models):
+        png = pareto_png if pareto_png is not None else render_pareto_png(models)
         parts += [
             "<h2>Bits per weight against quality</h2>",
             _img(png, "Pareto plot: bpw vs quality", "pareto"),
@@ -260,21 +194,14 @@ def render_html(
     )
 
 
-def _model_html(mr: rp.ModelResults) -> list[str]:
-    dissociations = rp.find_dissociations(mr)
+def _model_html(mr: ModelResults) -> list[str]:
+    dissociations = find_dissociations(mr)
     flagged = {d.cell.id for d in dissociations}
-    cols = rp.headline_columns(mr)
-    columns = [rp.metric_cells(mr, mr.cells, t, m) for t, m in cols]
-    body = [
-        [rp._cell_name(c, flagged), rp._fmt_bpw(c), *(col[i] for col in columns)]
-        for i, c in enumerate(mr.cells)
-    ]
+    header, body = main_table_rows(mr, headline_columns(mr), flagged)
     out = [f"<h2>{html.escape(mr.model)}</h2>", '<div id="results">']
-    out.append(
-        _table(["Cell", "bpw", *rp.column_headers(mr, cols)], body, [c.id in flagged for c in mr.cells])
-    )
+    out.append(_table(header, body, [c.id in flagged for c in mr.cells]))
     out.append("</div>")
-    out += [f"<p>{_inline(line.removeprefix('- '))}</p>" for line in rp.frontier_lines(mr)]
+    out += [f"<p>{_inline(line.removeprefix('- '))}</p>" for line in frontier_lines(mr)]
     bars = render_bars_png(mr)
     if bars:
         out += [
@@ -293,16 +220,16 @@ def _model_html(mr: rp.ModelResults) -> list[str]:
         ]
     for d in dissociations:
         out.append(f'<p class="reasons">† {_inline(d.describe())}</p>')
-    paired = rp.paired_rows(mr)
+    paired = paired_table_rows(mr)
     if paired:
         out += [
             "<h3>Paired comparison with the reference (same items)</h3>",
-            _table(["Cell", "task metric", "value", "Δ vs reference [95% CI]", "p", "verdict"], paired),
+            _table(PAIRED_HEADER, paired),
         ]
     for task in mr.tasks():
         metrics = mr.metrics(task)
-        header = ["Cell", *(f"{m} {rp._arrow(rp._direction(mr, task, m))}" for m in metrics)]
-        cols_t = [rp.metric_cells(mr, mr.cells, task, m) for m in metrics]
+        header = ["Cell", *(metric_header(mr, task, m) for m in metrics)]
+        cols_t = [metric_cells(mr, mr.cells, task, m) for m in metrics]
         rows_t = [[c.label, *(col[i] for col in cols_t)] for i, c in enumerate(mr.cells)]
         out += [f"<h3>{html.escape(task)}</h3>", _table(header, rows_t)]
     examples = examples_section(mr)

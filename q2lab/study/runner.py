@@ -26,10 +26,11 @@ import torch
 from q2lab.calib.store import HessianStore, calibrate
 from q2lab.errors import Q2labError
 from q2lab.eval.tasks import Evaluator, TaskSpec
-from q2lab.finetune import finetune_windows
+from q2lab.finetune import finetuner
 from q2lab.models.loader import LoadedModel, load_model
 from q2lab.quant.model import quantize_model
 from q2lab.study.config import Cell, StudyConfig, load_study
+from q2lab.study.rows import ResultRow, load_results
 from q2lab.utils.io import sha256_json
 from q2lab.utils.provenance import machine, versions
 
@@ -37,8 +38,6 @@ RESULTS = "results.jsonl"
 
 
 def read_results(path: Path) -> list[dict[str, Any]]:
-    from q2lab.study.report import load_results
-
     return load_results(path) if path.exists() else []
 
 
@@ -135,9 +134,9 @@ class _CellContext:
         else:
             candidate = load_model(self.model_name, dtype=self.cfg.dtype)
             assert cell.config is not None
-            windows = finetune_windows(candidate, self.store, cell.config)
+            tuner = finetuner(candidate, self.store, cell.config)
             report = quantize_model(
-                candidate.model, cell.method, cell.config, self.store, skip=self.cfg.skip, windows=windows
+                candidate.model, cell.method, cell.config, self.store, skip=self.cfg.skip, tuner=tuner
             )
             qinfo = report.to_dict()
         t_quant = time.time() - t0
@@ -161,26 +160,27 @@ class _CellContext:
     def _row(
         self, cell: Cell, cand: LoadedModel, qinfo: dict, t_quant: float, task: TaskSpec, rec: dict[str, Any]
     ) -> dict[str, Any]:
+        """The results.jsonl row of one record (:class:`~q2lab.study.rows.ResultRow`, as JSON)."""
         hessians = self.store.describe() if self.store and not cell.is_reference else None
-        return {
-            "study": self.cfg.name,
-            "cell": cell.id,
-            "model": cell.model,
-            "method": cell.method,
-            "bits": cell.bits,
-            "label": cell.label,
-            "options": cell.config.to_dict() if cell.config else {},
-            "is_reference": cell.is_reference,
-            "bpw": qinfo["bpw"],
-            "quantized_fraction": qinfo.get("quantized_fraction"),
-            "task_key": task.key(),
-            **rec,
-            "task_settings": _task_dict(task),
-            "quant": {
+        row = ResultRow(
+            study=self.cfg.name,
+            cell=cell.id,
+            model=cell.model,
+            method=cell.method,
+            bits=cell.bits,
+            label=cell.label,
+            options=cell.config.to_dict() if cell.config else {},
+            is_reference=cell.is_reference,
+            bpw=qinfo["bpw"],
+            quantized_fraction=qinfo.get("quantized_fraction"),
+            task_key=task.key(),
+            **rec,  # the eval Record: task, metric, value, ci_low, ci_high, n, higher_is_better, details
+            task_settings=_task_dict(task),
+            quant={
                 k: qinfo.get(k)
                 for k in ("proxy_rel_mean", "notes", "quantized_params", "float_params", "formats")
             },
-            "provenance": {
+            provenance={
                 "model_fingerprint": cand.info.fingerprint,
                 "model_kind": cand.info.kind,
                 "add_bos": cand.info.add_bos,
@@ -192,8 +192,9 @@ class _CellContext:
                 "versions": versions(),
                 "machine": machine(),
             },
-            "timings": {"quantize_s": round(t_quant, 2), "eval_s": self.evaluator.timings.get(task.label)},
-        }
+            timings={"quantize_s": round(t_quant, 2), "eval_s": self.evaluator.timings.get(task.label)},
+        )
+        return row.to_dict()
 
 
 def _calibration_summary(h: dict[str, Any] | None) -> str | None:

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from q2lab.errors import ShapeError
-from q2lab.quant.packing import pack_bits, unpack_bits
+from q2lab.utils.packing import pack_bits, unpack_bits
 
 
 class UnsupportedSizeError(ShapeError):

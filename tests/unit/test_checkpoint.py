@@ -9,8 +9,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from q2lab.errors import CorruptFileError
-from q2lab.export.checkpoint import load_checkpoint, save_checkpoint
+from q2lab.export.checkpoint import save_checkpoint
 from q2lab.models import load_model
+from q2lab.models.checkpoint import load_checkpoint
 from q2lab.quant import make_config
 from q2lab.quant.linear import QuantLinear
 from q2lab.quant.model import quantize_model

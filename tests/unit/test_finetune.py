@@ -11,7 +11,7 @@ import torch
 from q2lab.calib.store import CalibSpec, calibrate
 from q2lab.data.text import corpus_windows, load_corpus
 from q2lab.errors import ConfigError
-from q2lab.finetune import finetune_windows
+from q2lab.finetune import finetuner
 from q2lab.finetune.relax import TunableLinear
 from q2lab.finetune.train import topk_kl
 from q2lab.quant import make_config
@@ -40,7 +40,7 @@ def _quantized(setup, method: str, ft: dict | None):
     ref, store, _ = setup
     lm = make_tiny_model("llama")
     cfg = make_config(method, {**BASE[method], "finetune": ft})
-    report = quantize_model(lm.model, method, cfg, store, windows=finetune_windows(ref, store, cfg))
+    report = quantize_model(lm.model, method, cfg, store, tuner=finetuner(ref, store, cfg))
     return lm, report
 
 

@@ -11,8 +11,8 @@ from q2lab.calib.hessian import Hessian
 from q2lab.errors import ConfigError, CorruptFileError, ShapeError
 from q2lab.quant import get_quantizer, make_config
 from q2lab.quant.gptq import block_bounds
-from q2lab.quant.packing import pack_bits, packed_nbytes, unpack_bits
 from q2lab.quant.uniform import GroupLayout, fit_group, from_grid, round_to_grid
+from q2lab.utils.packing import pack_bits, packed_nbytes, unpack_bits
 
 
 def correlated_hessian(n: int, tokens: int = 4096, seed: int = 0) -> Hessian:

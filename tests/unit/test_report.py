@@ -346,3 +346,35 @@ def test_cells_table_shows_what_the_linears_are_stored_as(rows):
     assert "| Q4_0 75 %, Q2_K 25 % |" in lines["RTN 2b"]
     assert f"| {report.MISSING} |" in lines["GPTQ 2b"]
     assert report.format_shares({}) == report.MISSING
+
+
+# --------------------------------------------------------------------------- typed rows
+def test_rows_of_committed_studies_round_trip_through_the_typed_record():
+    """Every committed results.jsonl line parses into a ResultRow and back to the same object;
+    the runner writes every field of the eval Record and of the row (file_size_bytes: when set)."""
+    import dataclasses
+
+    from q2lab.eval.records import Record
+    from q2lab.study.rows import ROW_FIELDS, ResultRow
+
+    assert {f.name for f in dataclasses.fields(Record)} <= set(ROW_FIELDS)
+    paths = sorted((Path(__file__).resolve().parents[2] / "docs" / "results").glob("*/results.jsonl"))
+    assert paths
+    for path in paths:
+        for d in report.load_results(path):
+            assert ResultRow.from_dict(d).to_dict() == d
+            assert set(d) == set(ROW_FIELDS) - {"file_size_bytes"}
+
+
+def test_typed_rows_keep_unknown_fields_and_render_like_dicts(rows):
+    from q2lab.study.rows import ResultRow, parse_rows
+
+    typed = parse_rows([r | {"future_field": 1} for r in rows])
+    assert typed[0].extra == {"future_field": 1} and typed[0].to_dict()["future_field"] == 1
+    assert (
+        typed[0].number("value") == 10.0
+        and ResultRow("c", "t", "m", value=float("nan")).number("value") is None
+    )
+    assert report.render_markdown(typed) == report.render_markdown(rows)
+    with pytest.raises(DataError, match="result row 2 lacks metric"):
+        parse_rows([rows[0], {"cell": "x", "task": "ppl:w"}])

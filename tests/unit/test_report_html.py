@@ -66,14 +66,12 @@ def test_page_is_self_contained_with_tables_plots_and_the_dissociation(study_row
     assert len(re.findall(r'<img id="(pareto|bars)"', page)) == 2
     assert not re.search(r'(src|href)="(?!data:)', page)  # nothing to fetch: one file is the report
     assert page.count("<table>") >= 5  # main, retention, per-task details
-    retention = {r["cell"].label: r for r in rh.retention_rows(report.group_by_model(study_rows)[0])}
-    assert (
-        retention["GPTQ 2b"]["flag"] and not retention["RTN 2b"]["flag"] and not retention["GPTQ 4b"]["flag"]
-    )
-    assert retention["GPTQ 2b"]["mc"] == pytest.approx(0.395 / 0.40)
-    assert retention["GPTQ 2b"]["ll"] == pytest.approx(10.0 / 10.3)
-    assert retention["GPTQ 2b"]["gen"] == pytest.approx(0.25)
-    assert retention["GPTQ 2b"]["fr_kld"] == pytest.approx(0.2)
+    retention = {r.cell.label: r for r in report.retention_rows(report.group_by_model(study_rows)[0])}
+    assert retention["GPTQ 2b"].flag and not retention["RTN 2b"].flag and not retention["GPTQ 4b"].flag
+    assert retention["GPTQ 2b"].mc == pytest.approx(0.395 / 0.40)
+    assert retention["GPTQ 2b"].ll == pytest.approx(10.0 / 10.3)
+    assert retention["GPTQ 2b"].gen == pytest.approx(0.25)
+    assert retention["GPTQ 2b"].fr_kld == pytest.approx(0.2)
     assert '<tr class="flag"><td>GPTQ 2b' in page and "<b>dissociation</b>" in page
     # side by side: the reference's prose next to the looping cell's text, highlighted with the reason
     block = page.split("GPTQ 2b — gen:collapse", 1)[1].split("</div></div>", 1)[0]

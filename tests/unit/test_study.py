@@ -231,6 +231,7 @@ def test_ray_runner_gives_the_same_results(workspace, monkeypatch):
 
 def test_an_interrupted_cell_keeps_its_finished_tasks(workspace, monkeypatch):
     """Rows are appended task by task: a crash in a cell's last task loses only that task."""
+    from q2lab.eval.kinds.gen import GenerationKind
     from q2lab.eval.tasks import Evaluator
 
     monkeypatch.setenv("Q2LAB_CACHE", str(workspace / "cache"))
@@ -240,7 +241,7 @@ def test_an_interrupted_cell_keeps_its_finished_tasks(workspace, monkeypatch):
     def crash(self, *a, **k):
         raise RuntimeError("power cut")
 
-    monkeypatch.setattr(Evaluator, "_gen", crash)
+    monkeypatch.setattr(GenerationKind, "run", crash)
     with pytest.raises(RuntimeError, match="power cut"):
         runner.run_study(path, out, log=lambda m: None)
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]

@@ -20,6 +20,7 @@ from torch import nn
 
 from q2lab.errors import ConfigError
 from q2lab.quant.base import MethodConfig, QuantizedTensor, Quantizer, get_quantizer, option, register
+from q2lab.quant.ggml.archs import model_plan
 from q2lab.quant.ggml.quantizer import NOMINAL_BITS, method_for_type
 from q2lab.quant.ggml.recipes import DEFAULT_TYPE
 from q2lab.quant.ggml.types import ggml_type
@@ -75,8 +76,6 @@ class LlamaCppFileType(Quantizer):
     def layer_methods(
         self, model: nn.Module, cfg: FileTypeConfig
     ) -> dict[str, tuple[Quantizer, MethodConfig] | None]:
-        from q2lab.export.gguf import model_plan
-
         _, types = model_plan(model, cfg.file_type, has_imatrix=cfg.imatrix)
         out: dict[str, tuple[Quantizer, MethodConfig] | None] = {}
         for module, type_name in types.items():

@@ -32,17 +32,16 @@ from dataclasses import dataclass
 import torch
 
 from q2lab.errors import ConfigError, ShapeError
-from q2lab.finetune.config import FinetuneOption, finetune_option
-from q2lab.finetune.relax import stored_rht
 from q2lab.quant.base import MethodConfig, QuantizedTensor, StackedQuantizer, option, register
+from q2lab.quant.finetune_option import FinetuneOption, finetune_option
 from q2lab.quant.gptq import prepare_hessian
 from q2lab.quant.ldlq import cholesky_factor, ldlq
-from q2lab.quant.packing import pack_bits, unpack_bits
 from q2lab.quant.qtip.codes import CODES, code_dims, code_table, hyb, hyb_lut
 from q2lab.quant.qtip.trellis import Trellis
 from q2lab.quant.qtip.viterbi import DEFAULT_MAX_BYTES, decode, quantize_sequences
-from q2lab.quant.rht_linear import RHTLinear
+from q2lab.quant.rht_linear import RHTLinear, stored_rht
 from q2lab.transforms.hadamard import RHT, factor, pack_signs
+from q2lab.utils.packing import pack_bits, unpack_bits
 
 # Best global scale α for N(0, 1) data (the code quantizes α·x), measured with
 # benchmarks/qtip_rate_distortion.py (2 bits: 0.95 up to L = 12, 1.0 from L = 14; 3 and 4 bits:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from q2lab.errors import ConfigError, ShapeError
-from q2lab.quant.packing import pack_bits, unpack_bits
+from q2lab.utils.packing import pack_bits, unpack_bits
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,9 @@
 """The ``finetune:`` option section shared by methods whose quantized layers keep continuous
-parameters (QuIP#, QTIP): validated once here, so every method spells it the same way."""
+parameters (QuIP#, QTIP): validated once here, so every method spells it the same way.
+
+Only the option lives with the methods; the training it asks for is :mod:`q2lab.finetune`, which
+:func:`q2lab.quant.model.quantize_model` runs through its ``tuner`` hook (methods never import
+training code: docs/DESIGN.md, "Import rules")."""
 
 from __future__ import annotations
 

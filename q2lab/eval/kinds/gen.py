@@ -1,0 +1,113 @@
+"""``gen:DATA``: generation on a prompt set (``gen:collapse`` = ``gen:default``, ``gen:pl``,
+``gen:en_pl``, ``gen:chat`` or a .txt/.jsonl prompt file), greedy or seeded sampling, judged
+against collapse thresholds calibrated on the reference's own generations, with the
+reference's NLL of the candidate's text and teacher-forced / free-running KLD."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from q2lab.eval.registry import TaskKind, register_kind
+
+if TYPE_CHECKING:
+    from q2lab.eval.records import Record
+    from q2lab.eval.tasks import Evaluator, TaskSpec
+    from q2lab.models.loader import LoadedModel
+
+#: Task data names that stand for a packaged prompt set.
+GEN_ALIASES = {"collapse": "default"}
+_THRESHOLDS = "gen.thresholds"  # Evaluator.cache: collapse thresholds per (task key, prompts)
+_REF_SAMPLES = "gen.reference_samples"  # Evaluator.cache: the reference's generations, same key
+
+
+@register_kind
+class GenerationKind(TaskKind):
+    name = "gen"
+    summary = "generation: collapse rate, repetition, language drift; tf_kld / fr_kld / agree_tokens"
+
+    def check_data(self, task: TaskSpec) -> None:
+        from q2lab.eval.generation import load_prompts
+
+        load_prompts(GEN_ALIASES.get(task.data, task.data))
+
+    def run(
+        self, evaluator: Evaluator, candidate: LoadedModel, tasks: list[TaskSpec], is_reference: bool
+    ) -> list[Record]:
+        """Generations (greedy, or seeded sampling with ``temperature``), judged against
+        thresholds calibrated on the reference's own generations; the reference also scores
+        the candidate's text (NLL), which catches fluent-looking word salad that repetition
+        metrics miss, and both models are compared teacher-forced along each other's text."""
+        from q2lab.eval.generation import (
+            collapse_records,
+            continuation_kld,
+            divergence_records,
+            reference_nll,
+        )
+
+        (task,) = tasks
+        reference = evaluator.reference
+        prompts = _prompts(candidate, task)
+        samples = _generate(candidate, prompts, task)
+        thresholds = _thresholds(evaluator, task, prompts, samples if is_reference else None)
+        ref_nll = reference_nll(reference, samples) if reference is not None else None
+        records = collapse_records(task.label, samples, thresholds, ref_nll=ref_nll, prompt_set=prompts)
+        if reference is not None and not is_reference:
+            ref_samples = evaluator.cache(_REF_SAMPLES)[_key(task, prompts)]
+            tf = continuation_kld(reference, candidate, ref_samples)
+            fr = continuation_kld(reference, candidate, samples)
+            records += divergence_records(
+                task.label, ref_samples, samples, tf, fr, greedy=task.temperature is None
+            )
+        return records
+
+
+def _prompts(candidate: LoadedModel, task: TaskSpec):
+    """The prompt set, cut to ``limit`` and rendered through the chat template if asked."""
+    from q2lab.eval.generation import PromptSet, chat_prompt, load_prompts
+
+    prompts = load_prompts(GEN_ALIASES.get(task.data, task.data))
+    texts = prompts.prompts[: task.limit] if task.limit else prompts.prompts
+    if task.chat:
+        texts = tuple(chat_prompt(candidate, p, True) for p in texts)
+    if texts == prompts.prompts:
+        return prompts
+    return PromptSet.from_prompts(prompts.name, texts)
+
+
+def _generate(model: LoadedModel, prompts, task: TaskSpec):
+    from q2lab.eval.generation import generate
+
+    greedy = task.temperature is None
+    return generate(
+        model,
+        prompts,
+        max_new_tokens=task.max_new_tokens,
+        greedy=greedy,
+        temperature=1.0 if greedy else float(task.temperature),
+        seed=task.seed,
+        batch_size=task.batch_size or 8,
+    )
+
+
+def _key(task: TaskSpec, prompts) -> str:
+    return f"{task.key()}|{prompts.sha256}"
+
+
+def _thresholds(evaluator: Evaluator, task: TaskSpec, prompts, own_samples: Any):
+    """Collapse thresholds of (task, prompts), calibrated once per evaluator on the reference's
+    generations (``own_samples`` when the candidate is the reference), defaults without one."""
+    from q2lab.eval.generation import CollapseThresholds, reference_nll
+
+    key = _key(task, prompts)
+    cache = evaluator.cache(_THRESHOLDS)
+    if key not in cache:
+        reference = evaluator.reference
+        if reference is None:
+            cache[key] = CollapseThresholds()
+        else:
+            ref_samples = own_samples or _generate(reference, prompts, task)
+            evaluator.cache(_REF_SAMPLES)[key] = ref_samples
+            cache[key] = CollapseThresholds.from_reference(
+                ref_samples, ref_nll=reference_nll(reference, ref_samples)
+            )
+    return cache[key]

@@ -1,0 +1,120 @@
+"""llama.cpp architectures as data, and a model's per-tensor plan for a llama.cpp file type.
+
+``ARCHS`` maps a transformers ``model_type`` to the llama.cpp architecture, its block tensor
+names, whether Q/K rows are permuted (llama's rotary layout; Gemma 3 keeps NeoX order) and the
+norm offset (Gemma's ``1 + w`` is stored as such); :func:`gguf_name` is the one home of the
+transformers → GGUF tensor naming.  The ``llamacpp`` method (:mod:`.filetype`) applies
+:func:`model_plan` in place; the GGUF export (:mod:`q2lab.export.gguf`) writes files with the
+same names and plan, and ``load_into`` reads them back.  A new dense architecture is one entry
+here plus its metadata in the export.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from q2lab.errors import ConfigError
+from q2lab.quant.ggml.recipes import FilePlan, plan_file
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_BLOCK_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+_GEMMA3_BLOCK_NAMES = _BLOCK_NAMES | {
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "post_attention_layernorm.weight": "post_attention_norm.weight",  # after attention, not before the FFN
+    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+}
+TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How one transformers architecture maps onto a llama.cpp one."""
+
+    gguf_arch: str
+    block_names: dict[str, str]
+    permute_qk: bool  # llama.cpp's "normal" rope wants interleaved Q/K rows; NeoX-rope archs do not
+    norm_offset: float  # stored norm = HF weight + offset (Gemma multiplies by 1 + w)
+
+
+ARCHS = {
+    "llama": ArchSpec("llama", _BLOCK_NAMES, True, 0.0),
+    "gemma3_text": ArchSpec("gemma3", _GEMMA3_BLOCK_NAMES, False, 1.0),
+}
+SUPPORTED_ARCHS = tuple(ARCHS)
+
+
+def gguf_order(name: str) -> tuple[int, str]:
+    """Sort key of GGUF tensor names in llama.cpp's order: non-block tensors, then block by block."""
+    m = re.match(r"^blk\.(\d+)\.", name)
+    return (int(m.group(1)) if m else -1, name)
+
+
+def arch_spec(model: torch.nn.Module) -> ArchSpec:
+    """The llama.cpp mapping of ``model``'s architecture, or a clear error for the others."""
+    model_type = model.config.model_type
+    if model_type not in ARCHS:
+        raise ConfigError(f"GGUF export supports {', '.join(ARCHS)} models; this one is {model_type!r}")
+    return ARCHS[model_type]
+
+
+def gguf_name(key: str, spec: ArchSpec, tied: bool) -> tuple[str, str] | None:
+    """(GGUF name, transformers module or "") of the state-dict entry ``key``; ``None`` for
+    entries llama.cpp does not store (a tied ``lm_head``, rotary caches).  The one home of the
+    transformers → llama.cpp tensor naming, for export and for recipes applied in place."""
+    if key == "lm_head.weight":
+        return None if tied else ("output.weight", "lm_head")
+    if key in TOP_NAMES:
+        return TOP_NAMES[key], ""
+    m = _LAYER.match(key)
+    if not m or m.group(2) not in spec.block_names:
+        if key.endswith("rotary_emb.inv_freq"):
+            return None
+        raise ConfigError(f"GGUF export: no GGUF name for tensor {key} of this {spec.gguf_arch} model")
+    local = m.group(2)
+    module = key.rsplit(".", 1)[0] if local.endswith("proj.weight") else ""
+    return f"blk.{int(m.group(1))}.{spec.block_names[local]}", module
+
+
+def model_plan(model: torch.nn.Module, file_type: str, has_imatrix: bool) -> tuple[FilePlan, dict[str, str]]:
+    """llama.cpp's per-tensor types of ``file_type`` on ``model`` without copying any weight,
+    and each linear's type by transformers module name (``model.layers.3.mlp.down_proj``)."""
+    spec = arch_spec(model)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    shapes: dict[str, tuple[tuple[int, ...], str]] = {}
+    for key, value in model.state_dict().items():
+        named = gguf_name(key, spec, tied) if torch.is_floating_point(value) else None
+        if named is not None:
+            shapes[named[0]] = (tuple(value.shape), named[1])
+    order = sorted(shapes, key=gguf_order)
+    plan = plan_for(model, file_type, [(name, shapes[name][0]) for name in order], has_imatrix)
+    return plan, {shapes[t.name][1]: t.type for t in plan.tensors if shapes[t.name][1]}
+
+
+def plan_for(
+    model: torch.nn.Module, file_type: str, tensors: list[tuple[str, tuple[int, ...]]], has_imatrix: bool
+) -> FilePlan:
+    """The recipe of ``file_type`` for ``tensors`` (GGUF name, shape; llama.cpp's order) of ``model``."""
+    cfg = model.config
+    return plan_file(
+        file_type,
+        tensors,
+        n_head=cfg.num_attention_heads,
+        n_head_kv=cfg.num_key_value_heads,
+        n_layer=cfg.num_hidden_layers,
+        has_imatrix=has_imatrix,
+    )
