@@ -163,8 +163,7 @@ def encode(
         tensors["zeros"] = pack_bits(zeros, bits)
         bit_counts["zeros"] = zeros.numel() * bits
     if perm is not None:
-        tensors["perm"] = perm.to(torch.int32).contiguous()
-        bit_counts["perm"] = cols * index_bits(cols)
+        tensors["perm"], bit_counts["perm"] = _encode_perm(perm, cols)
     meta = {"bits": bits, "group_size": layout.g, "symmetric": symmetric, "format": "uniform"}
     meta.update(extra_meta or {})
     return QuantizedTensor(method, (rows, cols), tensors, meta, bit_counts)
@@ -197,9 +196,24 @@ def decode(qt: QuantizedTensor) -> torch.Tensor:
     perm = qt.tensors.get("perm")
     if perm is not None:
         out = torch.empty_like(w)
-        out[:, perm.long()] = w
+        out[:, _decode_perm(perm, cols)] = w
         w = out
     return w
+
+
+def _encode_perm(perm: torch.Tensor, cols: int) -> tuple[torch.Tensor, int]:
+    """The act-order permutation as stored, and its exact bits: ⌈log2 cols⌉-bit packed indices
+    (int32 only where an index needs more than 16 bits)."""
+    b = index_bits(cols)
+    if 1 <= b <= 16:
+        return pack_bits(perm, b), cols * b
+    return perm.to(torch.int32).contiguous(), cols * 32
+
+
+def _decode_perm(perm: torch.Tensor, cols: int) -> torch.Tensor:
+    if perm.dtype == torch.uint8:
+        return unpack_bits(perm, index_bits(cols), cols).long()
+    return perm.long()  # int32 indices (checkpoints written before the perm was packed)
 
 
 def quantize_groups(
