@@ -24,9 +24,12 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 # Optional peer: llama.cpp through llama-cpp-python (builds from source, ~10-15 min on 2 cores; pip caches
-# the wheel).  Tests that use it as the bit-exact oracle skip with a message when it is absent.
+# the wheel), plus llama.cpp's own llama-quantize program compiled from the same version's source
+# (~10 s: tests/oracles/llama_tools.py).  Tests that use them as oracles skip with a message when they
+# are absent (and fail in CI).
 install-llamacpp: install
 	$(PIP) install -q -e ".[llamacpp]"
+	$(PY) -m tests.oracles.llama_tools
 
 demo: install
 	$(VENV)/bin/q2lab study $(STUDY) --out $(OUT)

@@ -11,6 +11,8 @@ import torch
 
 from tests.tiny import TINY_TEXT, make_tiny_model
 
+pytest_plugins = ["tests.ci_plugin"]
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
@@ -40,6 +42,15 @@ def smollm2():
     from q2lab.models import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_store(smollm2, tmp_path_factory):
+    """Hessians of SmolLM2-135M from 16 × 512 WikiText-2 calibration windows, computed once per run."""
+    from q2lab.calib.store import CalibSpec, calibrate
+
+    spec = CalibSpec("wikitext2", windows=16, ctx=512, seed=0)
+    return calibrate(smollm2, spec, root=tmp_path_factory.mktemp("smollm2-hessians"))
 
 
 @pytest.fixture()
