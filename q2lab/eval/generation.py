@@ -51,6 +51,7 @@ import torch
 from q2lab.errors import ConfigError, DataError, ShapeError
 from q2lab.eval.records import Record
 from q2lab.eval.stats import UNITS_KEY, UnitScores, ids_sha256, mean_ci
+from q2lab.utils.kvcache import cache_kwargs, output_cache
 from q2lab.utils.progress import progress
 
 # --------------------------------------------------------------------------- prompts
@@ -307,27 +308,43 @@ def _generate_batch(
     temperature: float,
     logits_processor: LogitsProcessor | None,
 ) -> list[tuple[list[int], bool]]:
-    """Decode one left-padded batch; returns (new ids before EOS, hit EOS) per row."""
+    """Decode one left-padded batch; returns (new ids before EOS, hit EOS) per row.
+
+    A row that reaches EOS leaves the batch (its KV-cache rows are dropped), so a batch costs what
+    its live rows cost: short answers do not wait for the longest one.  With a
+    ``logits_processor`` (which addresses rows by position) finished rows stay, emitting padding."""
     device = next(model.parameters()).device
     pad_id = int(stop[0]) if stop.numel() else 0
     ids, mask = _left_pad(encoded, pad_id)
     ids, mask, stop = ids.to(device), mask.to(device), stop.to(device)
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-    seq = ids
+    cache, seq = output_cache(out), ids
+    live = torch.arange(len(encoded))  # batch row → prompt index
     done = torch.zeros(len(encoded), dtype=torch.bool, device=device)
-    new: list[torch.Tensor] = []
+    new = torch.full((len(encoded), max_new_tokens), pad_id, dtype=torch.long)
     # per-token bar: a batch of long answers takes minutes, and the ETA should say so
     for step in progress(range(max_new_tokens), f"decode {len(encoded)} rows", max_new_tokens, unit="tok"):
         logits = out.logits[:, -1].float()
         if logits_processor is not None:
             logits = logits_processor(seq, logits)
-        nxt = _choose(logits, gens, temperature)
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        new.append(nxt)
+        nxt = torch.where(done, pad_id, _choose(logits, gens, temperature))
+        new[live, step] = nxt.cpu()
         done |= torch.isin(nxt, stop)
         if bool(done.all()) or step == max_new_tokens - 1:
             break
+        if logits_processor is None and bool(done.any()):
+            keep = (~done).nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            seq, mask, pos, nxt, done, live = (
+                seq[keep],
+                mask[keep],
+                pos[keep],
+                nxt[keep],
+                done[keep],
+                live[keep.cpu()],
+            )
+            gens = None if gens is None else [gens[int(i)] for i in keep]
         seq = torch.cat([seq, nxt[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         pos = pos[:, -1:] + 1
@@ -335,10 +352,11 @@ def _generate_batch(
             input_ids=nxt[:, None],
             attention_mask=mask,
             position_ids=pos,
-            past_key_values=out.past_key_values,
             use_cache=True,
+            **cache_kwargs(model, cache),
         )
-    return [_cut_at_eos(row, stop) for row in torch.stack(new, dim=1).cpu()]
+        cache = output_cache(out)
+    return [_cut_at_eos(row, stop) for row in new]
 
 
 def _choose(logits: torch.Tensor, gens: list[torch.Generator] | None, temperature: float) -> torch.Tensor:

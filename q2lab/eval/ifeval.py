@@ -76,10 +76,18 @@ class IFEvalSet:
     items: tuple[IFEvalItem, ...]
     sha256: str
     n_available: int
+    sample: int | None = None  # a seeded random subset of this many prompts (None: all / first N)
+    seed: int = 0
 
 
-def load_ifeval(name_or_path: str = "ifeval", limit: int | None = None) -> IFEvalSet:
-    """The staged prompts (``"ifeval"``) or a local file in the same JSON-lines format."""
+def load_ifeval(
+    name_or_path: str = "ifeval", limit: int | None = None, sample: int | None = None, seed: int = 0
+) -> IFEvalSet:
+    """The staged prompts (``"ifeval"``) or a local file in the same JSON-lines format.
+
+    ``limit`` keeps the first N prompts; ``sample`` then keeps a random subset of that many,
+    drawn with ``seed`` (NumPy's default generator, without replacement) and kept in file order,
+    so every model of a study is scored on the same prompts and paired comparisons hold."""
     if name_or_path in ("ifeval", "default"):
         path = data_file(STAGED)
     elif looks_like_path(name_or_path):
@@ -104,7 +112,13 @@ def load_ifeval(name_or_path: str = "ifeval", limit: int | None = None) -> IFEva
             items.append(item)
     if not items:
         raise DataError(f"IFEval file {path} holds no prompts")
-    return IFEvalSet(str(name_or_path), tuple(items[:limit]), hash_files([path]), len(items))
+    kept = items[:limit]
+    if sample is not None:
+        if not 0 < sample <= len(kept):
+            raise ConfigError(f"IFEval sample of {sample} prompts: the set has {len(kept)}")
+        picked = np.random.default_rng(seed).choice(len(kept), size=sample, replace=False)
+        kept = [kept[i] for i in sorted(int(i) for i in picked)]
+    return IFEvalSet(str(name_or_path), tuple(kept), hash_files([path]), len(items), sample, seed)
 
 
 # --------------------------------------------------------------------------- verification
@@ -286,6 +300,8 @@ def ifeval_records(task_label: str, data: IFEvalSet, run: IFEvalRun) -> list[Rec
         "data_sha256": data.sha256,
         "prompts": len(data.items),
         "prompts_available": data.n_available,
+        "sample": data.sample,
+        "sample_seed": data.seed if data.sample is not None else None,
         "max_new_tokens": run.max_new_tokens,
         "chat_template": run.chat,
         "decoding": "greedy",

@@ -41,6 +41,7 @@ from q2lab.errors import ConfigError, DataError
 from q2lab.eval.records import Record
 from q2lab.eval.stats import UNITS_KEY, UnitScores, ids_sha256, mean_ci
 from q2lab.models.loader import LoadedModel
+from q2lab.utils.kvcache import cache_kwargs, output_cache
 from q2lab.utils.progress import progress
 
 TARGET_DELIMITER = " "
@@ -255,10 +256,10 @@ def _prefix_pass(
         use_cache=True,
         logits_to_keep=max(keep, 1),
     )
-    cache = out.past_key_values
+    cache = output_cache(out)
     cache.batch_select_indices(owner)
     kwargs = dict(
-        past_key_values=cache,
+        **cache_kwargs(model, cache),
         use_cache=True,
         attention_mask=torch.cat([mask[owner], mask.new_ones(len(owner), rest_len)], 1),
         position_ids=prefix[:, None] + torch.arange(rest_len, device=device),

@@ -31,12 +31,16 @@ class TaskKind(ABC):
     compares_to_reference: ClassVar[bool] = False
     #: The task reads ``windows`` (corpus windows); other kinds drop a ``windows`` option.
     uses_windows: ClassVar[bool] = False
+    #: The task can score a seeded random subset of its items (``sample: N``, ``seed``).
+    samples_items: ClassVar[bool] = False
 
     def prepare_options(self, opts: dict[str, Any]) -> None:
         """Kind-specific defaults and normalisation of a task's options, in place, before the
         shared checks of :func:`~q2lab.eval.tasks.parse_task`."""
         if not self.uses_windows:
             opts.pop("windows", None)
+        if opts.get("sample") is not None and not self.samples_items:
+            raise ConfigError(f"task kind {self.name!r} has no 'sample' option (a seeded subset of items)")
 
     @abstractmethod
     def check_data(self, task: TaskSpec) -> None:

@@ -51,7 +51,8 @@ class TaskSpec:
     batch_size: int | None = None
     chat: bool | None = None  # apply the chat template; None: ifeval when the tokenizer has one, gen never
     temperature: float | None = None  # gen: sample at this temperature (None: greedy)
-    seed: int = 0  # gen: sampling seed (per prompt streams, see generation.generate)
+    seed: int = 0  # gen: sampling seed (per prompt streams, see generation.generate); ifeval: subset seed
+    sample: int | None = None  # ifeval: a seeded random subset of N items (after limit)
 
     @property
     def label(self) -> str:
@@ -72,7 +73,7 @@ class TaskSpec:
 
 
 #: Fields added to TaskSpec later, with the default that leaves a task's key unchanged.
-_LATER_FIELDS: dict[str, Any] = {"chat": None, "temperature": None, "seed": 0}
+_LATER_FIELDS: dict[str, Any] = {"chat": None, "temperature": None, "seed": 0, "sample": None}
 
 
 _OPTION_KEYS = {f.name for f in dataclasses.fields(TaskSpec)} - {"kind", "data"}
@@ -107,7 +108,7 @@ def parse_task(spec: str | dict[str, Any], **defaults: Any) -> TaskSpec:
         raise ConfigError(f"task {name}: seed must be an integer ≥ 0, got {seed!r}")
     if opts.get("chat") is not None and not isinstance(opts["chat"], bool):
         raise ConfigError(f"task {name}: chat must be true, false or null, got {opts['chat']!r}")
-    for key in ("windows", "ctx", "limit", "max_new_tokens", "batch_size"):
+    for key in ("windows", "ctx", "limit", "max_new_tokens", "batch_size", "sample"):
         v = opts.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ConfigError(f"task {name}: {key} must be a positive integer, got {v!r}")

@@ -47,7 +47,20 @@ def machine() -> dict[str, str | int]:
         "platform": platform.platform(),
         "cpu_count": os.cpu_count() or 0,
         "torch_threads": torch.get_num_threads(),
+        "blas": _blas(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name(0)
     return info
+
+
+@functools.cache
+def _blas() -> str:
+    """The BLAS torch was built with (``mkl``, ``open``, …): float sums, and so results, depend on it."""
+    import re
+
+    import torch
+
+    found = re.search(r"BLAS_INFO=([^,\s]+)", torch.__config__.show())
+    return found.group(1) if found else "unknown"

@@ -438,6 +438,22 @@ def test_generate_independent_of_batching(tiny):
     assert generate(tiny, TINY_PROMPTS, max_new_tokens=10, greedy=False, seed=4) != s1
 
 
+@pytest.mark.parametrize("greedy", [True, False])
+def test_rows_leaving_the_batch_at_eos_change_no_token(tiny, monkeypatch, greedy):
+    """Finished rows drop out of the batch (and their KV cache); the others' tokens must equal
+    what each prompt gives alone.  EOS is redefined as a token the model emits mid-answer so that
+    rows finish at different steps."""
+    prompts = [*TINY_PROMPTS, "zz top", "hello again"]
+    free = generate(tiny, prompts, max_new_tokens=12, greedy=greedy, seed=2, batch_size=1)
+    stop_token = free[0].token_ids[3]
+    monkeypatch.setattr(gen, "eos_ids", lambda loaded: [int(stop_token)])
+    alone = generate(tiny, prompts, max_new_tokens=12, greedy=greedy, seed=2, batch_size=1)
+    batched = generate(tiny, prompts, max_new_tokens=12, greedy=greedy, seed=2, batch_size=len(prompts))
+    assert batched == alone
+    lengths = {s.n_new for s in alone}
+    assert any(s.hit_eos for s in alone) and len(lengths) > 1  # rows did leave at different steps
+
+
 def test_generate_stops_at_eos_per_row(tiny):
     eos = tiny.tokenizer.eos_token_id
     stop_after = {0: 2, 1: 5}  # row → number of tokens before EOS; row 2 never stops

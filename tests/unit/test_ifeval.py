@@ -39,6 +39,24 @@ def test_staged_prompts_load(data_root):
     assert len(load_ifeval("ifeval", limit=7).items) == 7
 
 
+def test_a_seeded_sample_is_the_same_subset_for_every_model(data_root):
+    from q2lab.eval.tasks import parse_task
+
+    full = load_ifeval("ifeval")
+    half = load_ifeval("ifeval", sample=271, seed=0)
+    again = load_ifeval("ifeval", sample=271, seed=0)
+    keys = [it.key for it in half.items]
+    assert len(keys) == len(set(keys)) == 271 and keys == [it.key for it in again.items]
+    order = {it.key: i for i, it in enumerate(full.items)}
+    assert [order[k] for k in keys] == sorted(order[k] for k in keys)  # file order kept
+    assert keys != [it.key for it in load_ifeval("ifeval", sample=271, seed=1).items]
+    with pytest.raises(ConfigError, match="sample of 600"):
+        load_ifeval("ifeval", sample=600)
+    assert parse_task({"task": "ifeval:ifeval", "sample": 271}).key() != parse_task("ifeval:ifeval").key()
+    with pytest.raises(ConfigError, match="no 'sample' option"):
+        parse_task({"task": "mc:arc_easy", "sample": 10})
+
+
 def test_bad_files_and_names_raise_clear_errors(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"key": 1, "prompt": "x", "instruction_id_list": ["a"], "kwargs": []}\n')
@@ -150,7 +168,7 @@ def test_task_parsing_defaults_and_stable_keys():
         parse_task({"task": "ifeval:ifeval", "chat": "yes"})
     # a task from before the `chat`, `temperature` and `seed` fields keeps its resume key
     old = TaskSpec("mc", "hellaswag", limit=5)
-    legacy = {k: v for k, v in old.__dict__.items() if k not in ("chat", "temperature", "seed")}
+    legacy = {k: v for k, v in old.__dict__.items() if k not in ("chat", "temperature", "seed", "sample")}
     assert old.key() == sha256_json(legacy)[:12]
     assert TaskSpec("mc", "hellaswag", limit=5, chat=True).key() != old.key()
 

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 class IFEvalKind(TaskKind):
     name = "ifeval"
     summary = "IFEval: prompt/instruction-level strict and loose accuracy"
+    samples_items = True
 
     def prepare_options(self, opts: dict[str, Any]) -> None:
         super().prepare_options(opts)
@@ -28,7 +29,7 @@ class IFEvalKind(TaskKind):
     def check_data(self, task: TaskSpec) -> None:
         from q2lab.eval.ifeval import _registry, load_ifeval
 
-        load_ifeval(task.data, limit=task.limit)
+        load_ifeval(task.data, limit=task.limit, sample=task.sample, seed=task.seed)
         _registry()
 
     def run(
@@ -39,7 +40,7 @@ class IFEvalKind(TaskKind):
         from q2lab.eval.ifeval import ifeval_records, load_ifeval, run_ifeval
 
         (task,) = tasks
-        data = load_ifeval(task.data, limit=task.limit)
+        data = load_ifeval(task.data, limit=task.limit, sample=task.sample, seed=task.seed)
         resume = evaluator.resume_file(candidate, task, "ifeval")
         run = run_ifeval(
             candidate,
