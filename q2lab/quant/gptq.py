@@ -24,6 +24,7 @@ from q2lab.errors import ConfigError
 from q2lab.quant import uniform
 from q2lab.quant.base import QuantizedTensor, StackedQuantizer, option, register
 from q2lab.quant.rtn import UniformConfig
+from q2lab.utils.threads import one_thread
 
 
 @dataclass
@@ -51,19 +52,21 @@ def inverse_cholesky_upper(h: torch.Tensor, damp: float) -> torch.Tensor:
     beyond the factor itself — for an 11008-wide down-projection each copy is 0.5 GB.
     """
     diag = torch.diagonal(h)
-    mean_diag = diag.mean().clamp_min(1e-12)
+    with one_thread():
+        mean_diag = diag.mean().clamp_min(1e-12)
     lam = float(damp * mean_diag if damp > 0 else mean_diag * 1e-8)
     added = 0.0
     for _ in range(8):
         diag += lam - added
         added = lam
-        chol, info = torch.linalg.cholesky_ex(h)
-        if int(info) == 0:
-            hinv = torch.cholesky_inverse(chol)
-            del chol
-            u, info = torch.linalg.cholesky_ex(hinv, upper=True)
+        with one_thread():  # LAPACK's bits depend on the thread count (utils/threads.py)
+            chol, info = torch.linalg.cholesky_ex(h)
             if int(info) == 0:
-                return u
+                hinv = torch.cholesky_inverse(chol)
+                del chol
+                u, info = torch.linalg.cholesky_ex(hinv, upper=True)
+                if int(info) == 0:
+                    return u
         lam *= 10
     raise ConfigError("GPTQ: the Hessian is not positive definite even with heavy damping; check calibration")
 

@@ -42,6 +42,7 @@ from q2lab.quant.gptq import prepare_hessian
 from q2lab.quant.ldlq import cholesky_factor, ldlq
 from q2lab.quant.rht_linear import RHTLinear, stored_rht
 from q2lab.transforms.hadamard import RHT, pack_signs
+from q2lab.utils.threads import one_thread
 
 G = e8p.DIM
 
@@ -181,7 +182,8 @@ def quip_quantize(weights: list[torch.Tensor], hessian: Hessian, cfg: QuipConfig
         w[:, dead.to(w.device)] = 0.0
         wt = rht.weight(w)
         wts.append(wt)
-        sigmas.append(wt.square().mean().sqrt().clamp_min(1e-12).expand(wt.shape[0]))
+        with one_thread():  # a full reduction: its bits depend on the thread count (utils/threads.py)
+            sigmas.append(wt.square().mean().sqrt().clamp_min(1e-12).expand(wt.shape[0]))
     wt, sigma = torch.cat(wts), torch.cat(sigmas)
     c = _search_scale(wt, sigma, ht, u, cfg)
     res = ldlq(wt, ht, G, _block_quantizer(sigma / c, cfg.bits), block_size=cfg.block_size, upper=u)

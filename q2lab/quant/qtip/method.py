@@ -42,6 +42,7 @@ from q2lab.quant.qtip.viterbi import DEFAULT_MAX_BYTES, decode, quantize_sequenc
 from q2lab.quant.rht_linear import RHTLinear, stored_rht
 from q2lab.transforms.hadamard import RHT, factor, pack_signs
 from q2lab.utils.packing import pack_bits, unpack_bits
+from q2lab.utils.threads import one_thread
 
 # Best global scale α for N(0, 1) data (the code quantizes α·x), measured with
 # benchmarks/qtip_rate_distortion.py (2 bits: 0.95 up to L = 12, 1.0 from L = 14; 3 and 4 bits:
@@ -128,7 +129,8 @@ class QTIP(StackedQuantizer):
             w = w.detach().float().clone()
             w[:, dead] = 0.0
             wt = rht.weight(w)
-            s = (wt.square().mean().sqrt() / cfg.scale_alpha).clamp_min(1e-8).half()
+            with one_thread():  # a full reduction: thread-count-dependent bits (utils/threads.py)
+                s = (wt.square().mean().sqrt() / cfg.scale_alpha).clamp_min(1e-8).half()
             xs.append(wt / s.float())
             scales.append(s)
         x = torch.cat(xs)
