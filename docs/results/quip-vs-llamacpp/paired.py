@@ -30,6 +30,10 @@ METRICS = (
 
 def main(path: str, prefixes: tuple[str, ...] = ()) -> None:
     pairs_of = prefixes or PAIRS_OF
+    # the command that regenerates this output (tests/unit/test_docs_numbers.py reruns it)
+    print(
+        f"<!-- generated: python docs/results/quip-vs-llamacpp/paired.py {' '.join([path, *prefixes])} -->\n"
+    )
     rows = load_results(path)
     by = {(r["model"], r["cell"], r["task"], r["metric"]): r for r in rows if "cell" in r}
     for model in sorted({k[0] for k in by}):
