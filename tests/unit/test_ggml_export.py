@@ -26,19 +26,6 @@ needs_llamacpp = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def tiny256():
-    """Rows of 256 and 512 so K and IQ2 types apply (a 64-wide model would fall back everywhere)."""
-    return make_tiny_model(hidden_size=256, intermediate_size=512, num_hidden_layers=2, seed=3)
-
-
-@pytest.fixture(scope="module")
-def f32_file(tiny256, tmp_path_factory):
-    path = tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf"
-    export_gguf(tiny256, path, "F32")
-    return path
-
-
-@pytest.fixture(scope="module")
 def imatrix(tiny256) -> Imatrix:
     rng = np.random.default_rng(0)
     tens = [t for t in gguf_tensors(tiny256.model) if t.module]

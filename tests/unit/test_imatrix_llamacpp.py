@@ -23,7 +23,6 @@ import pytest
 from q2lab.export.gguf import differing_tensors, export_gguf, gguf_tensors
 from q2lab.quant.ggml import llamacpp
 from q2lab.quant.ggml.imatrix import Imatrix, read_imatrix, write_imatrix
-from tests.tiny import make_tiny_model
 
 gguf = pytest.importorskip("gguf")
 
@@ -39,19 +38,6 @@ def tool():
     from tests.oracles.llama_tools import quantize_tool
 
     return quantize_tool()
-
-
-@pytest.fixture(scope="module")
-def model():
-    """Rows of 256 and 512, so IQ2_XXS and the K-quants apply to every linear."""
-    return make_tiny_model(hidden_size=256, intermediate_size=512, num_hidden_layers=2, seed=5)
-
-
-@pytest.fixture(scope="module")
-def f32(model, tmp_path_factory):
-    path = tmp_path_factory.mktemp("imx") / "f32.gguf"
-    export_gguf(model, path, "F32")
-    return path
 
 
 def _linear_names(model) -> dict[str, int]:
@@ -72,23 +58,25 @@ def _importance(model, seed: int) -> Imatrix:
 
 @pytest.mark.parametrize("suffix", [".gguf", ".dat"])
 @pytest.mark.parametrize("file_type", FILE_TYPES)
-def test_llama_quantize_accepts_q2lab_imatrix_files(tool, model, f32, tmp_path, suffix, file_type) -> None:
+def test_llama_quantize_accepts_q2lab_imatrix_files(
+    tool, tiny256, f32_file, tmp_path, suffix, file_type
+) -> None:
     from tests.oracles.llama_tools import run_quantize
 
-    im = _importance(model, seed=1)
+    im = _importance(tiny256, seed=1)
     path = write_imatrix(tmp_path / f"q2lab{suffix}", im)
     via_file = tmp_path / "via-file.gguf"
-    log = run_quantize(f32, via_file, file_type, imatrix=path)
+    log = run_quantize(f32_file, via_file, file_type, imatrix=path)
     assert f"loaded {len(im)} importance matrix entries" in log
     in_memory = tmp_path / "in-memory.gguf"
     # the importance the file encodes, as q2lab reads it (GGUF: exactly im.values; .dat: Σ/ncall)
     values = read_imatrix(path).values
     if suffix == ".gguf":
         assert all(np.array_equal(values[k], v) for k, v in im.values.items())
-    llamacpp.quantize_file(f32, in_memory, file_type, imatrix=values, nthread=1)
+    llamacpp.quantize_file(f32_file, in_memory, file_type, imatrix=values, nthread=1)
     assert differing_tensors(in_memory, via_file) == []
     ours = tmp_path / "q2lab.gguf"
-    export_gguf(model, ours, file_type, imatrix=read_imatrix(path))
+    export_gguf(tiny256, ours, file_type, imatrix=read_imatrix(path))
     assert differing_tensors(via_file, ours) == []
 
 
@@ -138,19 +126,19 @@ def _foreign_entries(model, legacy: bool) -> dict:
 @pytest.mark.parametrize("legacy", [False, True], ids=["gguf", "dat"])
 @pytest.mark.parametrize("file_type", FILE_TYPES)
 def test_q2lab_reads_llamacpp_imatrix_like_llama_quantize(
-    tool, model, f32, tmp_path, legacy, file_type
+    tool, tiny256, f32_file, tmp_path, legacy, file_type
 ) -> None:
     from tests.oracles.llama_tools import run_quantize
 
     path = tmp_path / ("foreign.dat" if legacy else "foreign.gguf")
-    (_write_llamacpp_dat if legacy else _write_llamacpp_gguf)(path, _foreign_entries(model, legacy))
+    (_write_llamacpp_dat if legacy else _write_llamacpp_gguf)(path, _foreign_entries(tiny256, legacy))
     theirs = tmp_path / "llama-quantize.gguf"
-    run_quantize(f32, theirs, file_type, imatrix=path)
+    run_quantize(f32_file, theirs, file_type, imatrix=path)
     ours = tmp_path / "q2lab.gguf"
-    export_gguf(model, ours, file_type, imatrix=read_imatrix(path))
+    export_gguf(tiny256, ours, file_type, imatrix=read_imatrix(path))
     assert differing_tensors(theirs, ours) == []
     # and the importance changed the bytes: without it, Q4_K_M differs (IQ2_XXS is refused)
     if file_type == "Q4_K_M":
         plain = tmp_path / "plain.gguf"
-        export_gguf(model, plain, file_type)
+        export_gguf(tiny256, plain, file_type)
         assert differing_tensors(plain, ours) != []
