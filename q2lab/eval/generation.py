@@ -51,7 +51,7 @@ import torch
 from q2lab.errors import ConfigError, DataError, ShapeError
 from q2lab.eval.records import Record
 from q2lab.eval.stats import UNITS_KEY, UnitScores, ids_sha256, mean_ci
-from q2lab.utils.kvcache import cache_kwargs, output_cache
+from q2lab.utils.kvcache import cache_kwargs, output_cache, reserve
 from q2lab.utils.progress import progress
 
 # --------------------------------------------------------------------------- prompts
@@ -319,7 +319,7 @@ def _generate_batch(
     ids, mask, stop = ids.to(device), mask.to(device), stop.to(device)
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-    cache, seq = output_cache(out), ids
+    cache, seq = reserve(output_cache(out), max_new_tokens), ids
     live = torch.arange(len(encoded))  # batch row → prompt index
     done = torch.zeros(len(encoded), dtype=torch.bool, device=device)
     new = torch.full((len(encoded), max_new_tokens), pad_id, dtype=torch.long)
