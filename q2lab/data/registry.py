@@ -51,3 +51,12 @@ def hash_files(paths: list[Path]) -> str:
             while block := f.read(1 << 20):
                 h.update(block)
     return h.hexdigest()
+
+
+def seeded_subset(n: int, size: int, seed: int) -> list[int]:
+    """Indices of a seeded random subset of ``size`` out of ``n``, in increasing order (NumPy's
+    default generator, without replacement).  One home, so a task's scored subset and the prompts
+    held apart from it (the chat suite's IFEval slice) are computed the same way."""
+    import numpy as np
+
+    return sorted(int(i) for i in np.random.default_rng(seed).choice(n, size=size, replace=False))

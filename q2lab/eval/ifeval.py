@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from q2lab.data.registry import data_file, hash_files, local_file, looks_like_path
+from q2lab.data.registry import data_file, hash_files, local_file, looks_like_path, seeded_subset
 from q2lab.errors import ConfigError, DataError
 from q2lab.eval.records import Record
 from q2lab.eval.stats import UNITS_KEY, UnitScores, bootstrap_ci, ids_sha256, mean_ci
@@ -116,8 +116,7 @@ def load_ifeval(
     if sample is not None:
         if not 0 < sample <= len(kept):
             raise ConfigError(f"IFEval sample of {sample} prompts: the set has {len(kept)}")
-        picked = np.random.default_rng(seed).choice(len(kept), size=sample, replace=False)
-        kept = [kept[i] for i in sorted(int(i) for i in picked)]
+        kept = [kept[i] for i in seeded_subset(len(kept), sample, seed)]
     return IFEvalSet(str(name_or_path), tuple(kept), hash_files([path]), len(items), sample, seed)
 
 
