@@ -210,3 +210,16 @@ def documents(root: Path = ROOT) -> list[Path]:
 
 def generated_documents(root: Path = ROOT) -> list[Path]:
     return [p for p in sorted((root / "docs").rglob("*.md")) if generated_by(p) is not None]
+
+
+def is_study_results(path: Path) -> bool:
+    """Study records (one row per cell, task and metric; they have a report.md) rather than a
+    measurement file a script writes (e.g. docs/results/llamacpp-files/results.jsonl)."""
+    with open(path, encoding="utf-8") as fh:
+        first = fh.readline()
+    return '"cell":' in first and '"study":' in first
+
+
+def study_results(root: Path) -> list[Path]:
+    """Every committed study's ``docs/results/*/results.jsonl`` under the repository ``root``."""
+    return sorted(p for p in (root / "docs" / "results").glob("*/results.jsonl") if is_study_results(p))

@@ -9,17 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.docs_numbers import ROOT, check_file, documents, generated_by, generated_documents
+from tests.docs_numbers import ROOT, check_file, documents, generated_by, generated_documents, study_results
 
-
-def _is_study(path: Path) -> bool:
-    """Study records (one row per cell, task and metric) have a report; measurement files written
-    by a script (e.g. docs/results/llamacpp-files/measure.py) do not."""
-    first = path.read_text(encoding="utf-8").split("\n", 1)[0]
-    return '"cell":' in first and '"study":' in first
-
-
-RESULTS = sorted(p for p in (ROOT / "docs" / "results").glob("*/results.jsonl") if _is_study(p))
+RESULTS = study_results(ROOT)
 
 
 @pytest.mark.parametrize("doc", documents(), ids=lambda p: str(p.relative_to(ROOT)))

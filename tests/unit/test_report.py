@@ -12,6 +12,7 @@ import pytest
 
 from q2lab.errors import DataError
 from q2lab.study import report
+from tests.docs_numbers import study_results
 
 MODEL = "tiny-llama"
 
@@ -358,7 +359,7 @@ def test_rows_of_committed_studies_round_trip_through_the_typed_record():
     from q2lab.study.rows import ROW_FIELDS, ResultRow
 
     assert {f.name for f in dataclasses.fields(Record)} <= set(ROW_FIELDS)
-    paths = sorted((Path(__file__).resolve().parents[2] / "docs" / "results").glob("*/results.jsonl"))
+    paths = study_results(Path(__file__).resolve().parents[2])
     assert paths
     for path in paths:
         for d in report.load_results(path):

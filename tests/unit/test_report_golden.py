@@ -24,6 +24,7 @@ import pytest
 from q2lab.study import html as rh
 from q2lab.study import report
 from q2lab.study.analysis import headline_columns
+from tests.docs_numbers import study_results
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).resolve().parent / "golden"
@@ -49,7 +50,7 @@ def png_hashes(page: str) -> str:
 
 
 def test_every_committed_study_has_a_golden_report():
-    committed = {p.parent.name for p in (ROOT / "docs" / "results").glob("*/results.jsonl")}
+    committed = {p.parent.name for p in study_results(ROOT)}
     assert committed <= set(STUDIES), f"no golden report for {committed - set(STUDIES)}"
 
 

@@ -17,11 +17,12 @@ sys.path.insert(0, str(ROOT))
 import matplotlib  # noqa: E402
 
 from q2lab.study import report  # noqa: E402
+from tests.docs_numbers import study_results  # noqa: E402
 from tests.unit.test_report_golden import GOLDEN, png_hashes, results_path  # noqa: E402
 
 
 def main() -> None:
-    studies = sorted(p.parent.name for p in (ROOT / "docs" / "results").glob("*/results.jsonl"))
+    studies = [p.parent.name for p in study_results(ROOT)]
     meta: dict = {"matplotlib": matplotlib.__version__, "studies": {}}
     for study in [*studies, "synthetic"]:
         rows = report.load_results(results_path(study))
