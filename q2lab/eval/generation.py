@@ -118,13 +118,28 @@ PROMPT_SETS: dict[str, tuple[str, ...]] = {
 }
 
 
+#: Prompt sets built from the staged data by :mod:`q2lab.data.tasks.chat_suite` (``gen:NAME``):
+#: the whole suite, or its English or Polish half.
+SUITES: dict[str, str | None] = {"chat_suite": None, "chat_suite_en": "en", "chat_suite_pl": "pl"}
+
+Turn = tuple[str, str]  # (role, content)
+
+
 @dataclass(frozen=True)
 class PromptSet:
-    """Prompts with the name and content hash that go into result records."""
+    """Prompts with the name and content hash that go into result records.
+
+    A suite (:data:`SUITES`) also carries each prompt's conversation (``turns``: earlier turns
+    make it multi-turn; ``prompts`` holds the last user turn until rendered), its own
+    ``max_new_tokens`` and its ``meta`` (id, language, use, source)."""
 
     name: str  # "default" or the path given
     prompts: tuple[str, ...]
     sha256: str  # of the prompts joined by "\n" (so a file and the same prompts inline agree)
+    turns: tuple[tuple[Turn, ...], ...] | None = None
+    lengths: tuple[int, ...] | None = None
+    meta: tuple[dict[str, str], ...] | None = None
+    rendering: str = "plain"  # "plain", "chat template" or "user/assistant frame"
 
     @classmethod
     def from_prompts(cls, name: str, prompts: Sequence[str]) -> PromptSet:
@@ -132,6 +147,45 @@ class PromptSet:
 
     def describe(self) -> str:
         return f"{self.name} ({len(self.prompts)} prompts, sha256 {self.sha256[:12]})"
+
+    def head(self, n: int | None) -> PromptSet:
+        """The first ``n`` prompts (all when ``n`` is None); a cut set hashes its own prompts."""
+        if n is None or n >= len(self.prompts):
+            return self
+
+        def cut(x):
+            return None if x is None else x[:n]
+
+        sha = prompts_sha256(self.prompts[:n]) if self.turns is None else _suite_sha(self, n)
+        return dataclasses.replace(
+            self,
+            prompts=self.prompts[:n],
+            sha256=sha,
+            turns=cut(self.turns),
+            lengths=cut(self.lengths),
+            meta=cut(self.meta),
+        )
+
+
+def _suite_sha(prompts: PromptSet, n: int) -> str:
+    blob = json.dumps([prompts.turns[:n], prompts.lengths[:n], prompts.meta[:n]], ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def load_suite(name: str, seed: int = 0) -> PromptSet:
+    """``chat_suite`` (or its ``_en`` / ``_pl`` half) built from ``$Q2LAB_DATA``; its sha256 is
+    the suite's own (every prompt's turns, length and metadata)."""
+    from q2lab.data.tasks.chat_suite import build_chat_suite
+
+    suite = build_chat_suite(seed).subset(SUITES[name])
+    return PromptSet(
+        name,
+        tuple(p.text for p in suite.prompts),
+        suite.sha256,
+        turns=tuple(tuple((m.role, m.content) for m in p.messages) for p in suite.prompts),
+        lengths=tuple(p.max_new_tokens for p in suite.prompts),
+        meta=tuple({"id": p.id, "lang": p.lang, "use": p.use, "source": p.source} for p in suite.prompts),
+    )
 
 
 def prompts_sha256(prompts: Sequence[str]) -> str:
@@ -146,10 +200,12 @@ def load_prompts(name_or_path: str = "default") -> PromptSet:
     """
     if name_or_path in PROMPT_SETS:
         return PromptSet.from_prompts(name_or_path, PROMPT_SETS[name_or_path])
+    if name_or_path in SUITES:
+        return load_suite(name_or_path)
     path = Path(name_or_path).expanduser()
     if not path.is_file():
         raise DataError(
-            f"prompt set {name_or_path!r} is neither one of {', '.join(PROMPT_SETS)} "
+            f"prompt set {name_or_path!r} is neither one of {', '.join([*PROMPT_SETS, *SUITES])} "
             "nor an existing .txt/.jsonl file"
         )
     suffix = path.suffix.lower()
@@ -242,11 +298,31 @@ def chat_prompt(loaded, prompt: str, chat: bool | None = None) -> str:
     return loaded.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def render_conversation(loaded, turns: Sequence[Turn], chat: bool | None = None) -> tuple[str, str]:
+    """``(text, rendering)``: the conversation through the model's chat template (``chat=None``:
+    when the tokenizer has one; ``chat=True`` requires it), else the stated plain frame for base
+    models — each turn as ``User: …`` / ``Assistant: …`` separated by blank lines, ending with
+    ``Assistant:`` for the model to continue."""
+    template = getattr(loaded.tokenizer, "chat_template", None)
+    if chat is None:
+        chat = bool(template)
+    if chat:
+        if not template:
+            raise ConfigError(
+                f"{loaded.info.name} has no chat template; set chat: false to render prompts as plain text"
+            )
+        messages = [{"role": r, "content": c} for r, c in turns]
+        text = loaded.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return text, "chat template"
+    frame = "\n\n".join(f"{'User' if r == 'user' else 'Assistant'}: {c}" for r, c in turns)
+    return f"{frame}\n\nAssistant:", "user/assistant frame"
+
+
 @torch.no_grad()
 def generate(
     loaded,
     prompts: Sequence[str] | PromptSet,
-    max_new_tokens: int = 64,
+    max_new_tokens: int | Sequence[int] = 64,
     seed: int = 0,
     greedy: bool = True,
     *,
@@ -263,25 +339,36 @@ def generate(
     (the Hugging Face signature) may rewrite the last-position logits before each choice —
     tests use it to force a loop.
     """
-    if max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
+    texts = list(prompts.prompts if isinstance(prompts, PromptSet) else prompts)
+    lengths = [max_new_tokens] * len(texts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(lengths) != len(texts):
+        raise ShapeError(f"{len(lengths)} max_new_tokens values for {len(texts)} prompts")
+    if any(n < 1 for n in lengths):
+        raise ConfigError(f"max_new_tokens must be ≥ 1, got {min(lengths)}")
     if not greedy and temperature <= 0:
         raise ConfigError(f"sampling temperature must be > 0, got {temperature}")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be ≥ 1, got {batch_size}")
-    texts = list(prompts.prompts if isinstance(prompts, PromptSet) else prompts)
     encoded = [encode_prompt(loaded, p) for p in texts]
     stop = torch.tensor(eos_ids(loaded), dtype=torch.long)
-    starts = range(0, len(texts), batch_size)
-    samples: list[GenSample] = []
-    for s in progress(starts, "generate", total=len(starts), unit="batch"):
-        batch = encoded[s : s + batch_size]
-        gens = None if greedy else [_prompt_generator(seed, s + i) for i in range(len(batch))]
-        rows = _generate_batch(loaded.model, batch, max_new_tokens, stop, gens, temperature, logits_processor)
-        for prompt, (ids, hit) in zip(texts[s : s + batch_size], rows):
+    # prompts of one length decode together; a prompt keeps its index (its sampling stream)
+    batches = [
+        idx[s : s + batch_size]
+        for n in sorted(set(lengths))
+        for idx in [[i for i, m in enumerate(lengths) if m == n]]
+        for s in range(0, len(idx), batch_size)
+    ]
+    samples: dict[int, GenSample] = {}
+    for batch in progress(batches, "generate", total=len(batches), unit="batch"):
+        n = lengths[batch[0]]
+        gens = None if greedy else [_prompt_generator(seed, i) for i in batch]
+        rows = _generate_batch(
+            loaded.model, [encoded[i] for i in batch], n, stop, gens, temperature, logits_processor
+        )
+        for i, (ids, hit) in zip(batch, rows):
             text = loaded.tokenizer.decode(ids, skip_special_tokens=False)
-            samples.append(GenSample(prompt, text, tuple(ids), hit, len(ids), max_new_tokens))
-    return samples
+            samples[i] = GenSample(texts[i], text, tuple(ids), hit, len(ids), n)
+    return [samples[i] for i in range(len(texts))]
 
 
 def _prompt_generator(seed: int, index: int) -> torch.Generator:
@@ -976,10 +1063,21 @@ def _details(
     for _, reasons in verdicts:
         for family in {r.split(":", 1)[0] for r in reasons}:
             families[family] = families.get(family, 0) + 1
+    info: dict[str, Any] = {"name": name, "n": len(prompts), "sha256": sha}
+    if prompt_set is not None and prompt_set.turns is not None:
+        info["suite_sha256"] = prompt_set.sha256
+        info["rendering"] = prompt_set.rendering
+    if prompt_set is not None and prompt_set.meta is not None:
+        groups: dict[str, list[int]] = {}
+        for m, (hit, _) in zip(prompt_set.meta, verdicts):
+            g = groups.setdefault(f"{m['lang']}/{m['use']}", [0, 0])
+            g[0] += int(hit)
+            g[1] += 1
+        info["collapsed_by_group"] = dict(sorted(groups.items()))  # "lang/use": [collapsed, prompts]
     return {
         "thresholds": thresholds.to_dict(),
         "max_new_tokens": max(s.max_new_tokens for s in samples),
-        "prompts": {"name": name, "n": len(prompts), "sha256": sha},
+        "prompts": info,
         "collapsed_prompts": [i for i, (c, _) in enumerate(verdicts) if c],
         "reason_counts": dict(sorted(families.items())),
         "examples": [

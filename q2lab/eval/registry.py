@@ -34,7 +34,7 @@ class TaskKind(ABC):
     #: The task can score a seeded random subset of its items (``sample: N``, ``seed``).
     samples_items: ClassVar[bool] = False
 
-    def prepare_options(self, opts: dict[str, Any]) -> None:
+    def prepare_options(self, opts: dict[str, Any], data: str) -> None:
         """Kind-specific defaults and normalisation of a task's options, in place, before the
         shared checks of :func:`~q2lab.eval.tasks.parse_task`."""
         if not self.uses_windows:

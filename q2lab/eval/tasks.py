@@ -47,7 +47,7 @@ class TaskSpec:
     windows: int | None = 32  # ppl/kld: first N windows of the evaluation split
     ctx: int = 512
     limit: int | None = None  # mc: first N items; gen: first N prompts
-    max_new_tokens: int = 64
+    max_new_tokens: int | None = 64  # gen chat suites: None = each prompt's own
     batch_size: int | None = None
     chat: bool | None = None  # apply the chat template; None: ifeval when the tokenizer has one, gen never
     temperature: float | None = None  # gen: sample at this temperature (None: greedy)
@@ -99,7 +99,7 @@ def parse_task(spec: str | dict[str, Any], **defaults: Any) -> TaskSpec:
     kinds = kind_names()
     if not sep or kind not in kinds or not data:
         raise ConfigError(f"task {name!r} must look like KIND:DATA with KIND one of {', '.join(kinds)}")
-    get_kind(kind).prepare_options(opts)
+    get_kind(kind).prepare_options(opts, data)
     t = opts.get("temperature")
     if t is not None and (isinstance(t, bool) or not isinstance(t, int | float) or not t > 0):
         raise ConfigError(f"task {name}: temperature must be a number > 0 (or null for greedy), got {t!r}")

@@ -12,7 +12,6 @@ from q2lab.data.registry import seeded_subset
 from q2lab.data.tasks import chat_suite as cs
 from q2lab.errors import DataError
 
-
 _BUILT: dict[int, cs.ChatSuite] = {}
 
 

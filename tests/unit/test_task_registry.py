@@ -58,8 +58,8 @@ def test_a_new_kind_is_one_registered_class(scratch_registry):
     class Echo(TaskKind):
         name = "echo"
 
-        def prepare_options(self, opts):
-            super().prepare_options(opts)
+        def prepare_options(self, opts, data):
+            super().prepare_options(opts, data)
             opts.setdefault("limit", 3)
 
         def check_data(self, task):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from q2lab.errors import ConfigError
 from q2lab.eval.registry import TaskKind, register_kind
 
 if TYPE_CHECKING:
@@ -24,6 +25,15 @@ _REF_SAMPLES = "gen.reference_samples"  # Evaluator.cache: the reference's gener
 class GenerationKind(TaskKind):
     name = "gen"
     summary = "generation: collapse rate, repetition, language drift; tf_kld / fr_kld / agree_tokens"
+
+    def prepare_options(self, opts: dict[str, Any], data: str) -> None:
+        """A chat suite sets each prompt's length (long-form 256, else 128) unless the task
+        gives one ``max_new_tokens`` for all."""
+        super().prepare_options(opts, data)
+        from q2lab.eval.generation import SUITES
+
+        if data in SUITES and "max_new_tokens" not in opts:
+            opts["max_new_tokens"] = None
 
     def check_data(self, task: TaskSpec) -> None:
         from q2lab.eval.generation import load_prompts
@@ -62,16 +72,30 @@ class GenerationKind(TaskKind):
 
 
 def _prompts(candidate: LoadedModel, task: TaskSpec):
-    """The prompt set, cut to ``limit`` and rendered through the chat template if asked."""
-    from q2lab.eval.generation import PromptSet, chat_prompt, load_prompts
+    """The prompt set, cut to ``limit`` and rendered: a suite's conversations through the chat
+    template when the model has one (``chat: false`` or a base model: the plain user/assistant
+    frame), a plain prompt set through the template only with ``chat: true``."""
+    import dataclasses
 
-    prompts = load_prompts(GEN_ALIASES.get(task.data, task.data))
-    texts = prompts.prompts[: task.limit] if task.limit else prompts.prompts
-    if task.chat:
-        texts = tuple(chat_prompt(candidate, p, True) for p in texts)
-    if texts == prompts.prompts:
+    from q2lab.eval.generation import PromptSet, chat_prompt, load_prompts, render_conversation
+
+    prompts = load_prompts(GEN_ALIASES.get(task.data, task.data)).head(task.limit)
+    if prompts.turns is not None:
+        rendered = [render_conversation(candidate, turns, task.chat) for turns in prompts.turns]
+        return dataclasses.replace(prompts, prompts=tuple(t for t, _ in rendered), rendering=rendered[0][1])
+    if not task.chat:
         return prompts
-    return PromptSet.from_prompts(prompts.name, texts)
+    texts = tuple(chat_prompt(candidate, p, True) for p in prompts.prompts)
+    return dataclasses.replace(PromptSet.from_prompts(prompts.name, texts), rendering="chat template")
+
+
+def _lengths(prompts, task: TaskSpec) -> int | tuple[int, ...]:
+    """The task's ``max_new_tokens``, or each suite prompt's own (the task leaves it unset)."""
+    if task.max_new_tokens is not None:
+        return task.max_new_tokens
+    if prompts.lengths is None:
+        raise ConfigError(f"task {task.label}: max_new_tokens is needed (only the chat suites set their own)")
+    return prompts.lengths
 
 
 def _generate(model: LoadedModel, prompts, task: TaskSpec):
@@ -81,7 +105,7 @@ def _generate(model: LoadedModel, prompts, task: TaskSpec):
     return generate(
         model,
         prompts,
-        max_new_tokens=task.max_new_tokens,
+        max_new_tokens=_lengths(prompts, task),
         greedy=greedy,
         temperature=1.0 if greedy else float(task.temperature),
         seed=task.seed,

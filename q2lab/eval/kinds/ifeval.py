@@ -19,8 +19,8 @@ class IFEvalKind(TaskKind):
     summary = "IFEval: prompt/instruction-level strict and loose accuracy"
     samples_items = True
 
-    def prepare_options(self, opts: dict[str, Any]) -> None:
-        super().prepare_options(opts)
+    def prepare_options(self, opts: dict[str, Any], data: str) -> None:
+        super().prepare_options(opts, data)
         if "max_new_tokens" not in opts:
             from q2lab.eval.ifeval import DEFAULT_MAX_NEW_TOKENS
 

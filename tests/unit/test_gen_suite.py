@@ -1,0 +1,83 @@
+"""``gen:chat_suite``: the suite as a prompt set (turns, per-prompt lengths, metadata), rendered
+through a chat template or the stated plain frame, generated with each prompt's own length."""
+
+from __future__ import annotations
+
+import pytest
+
+from q2lab.errors import ConfigError, ShapeError
+from q2lab.eval import generation as gen
+from q2lab.eval.tasks import Evaluator, parse_task
+
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.fixture()
+def suite(data_root):
+    return gen.load_prompts("chat_suite")
+
+
+def test_the_suite_is_a_prompt_set_with_turns_lengths_and_metadata(suite) -> None:
+    n = len(suite.prompts)
+    assert n >= 200 and len(suite.turns) == len(suite.lengths) == len(suite.meta) == n
+    assert all(t[-1] == ("user", p) for t, p in zip(suite.turns, suite.prompts))
+    assert {m["use"]: n for m, n in zip(suite.meta, suite.lengths)}["longform"] == 256
+    pl = gen.load_prompts("chat_suite_pl")
+    assert {m["lang"] for m in pl.meta} == {"pl"} and pl.sha256 != suite.sha256
+    head = suite.head(10)
+    assert head.prompts == suite.prompts[:10] and head.lengths == suite.lengths[:10]
+    assert head.sha256 != suite.sha256 and suite.head(None) is suite
+
+
+def test_plain_frame_and_chat_template(tiny) -> None:
+    turns = (("user", "Hi?"), ("assistant", "Hello."), ("user", "And now?"))
+    text, how = gen.render_conversation(tiny, turns)  # the tiny tokenizer has no template
+    assert how == "user/assistant frame"
+    assert text == "User: Hi?\n\nAssistant: Hello.\n\nUser: And now?\n\nAssistant:"
+    with pytest.raises(ConfigError, match="has no chat template; set chat: false"):
+        gen.render_conversation(tiny, turns, chat=True)
+    tiny.tokenizer.chat_template = TEMPLATE
+    try:
+        text, how = gen.render_conversation(tiny, turns)
+        assert how == "chat template"
+        assert text == "<|user|>Hi?\n<|assistant|>Hello.\n<|user|>And now?\n<|assistant|>"
+        assert gen.render_conversation(tiny, turns, chat=False)[1] == "user/assistant frame"
+    finally:
+        tiny.tokenizer.chat_template = None
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_per_prompt_lengths_equal_generating_each_length_alone(tiny, greedy) -> None:
+    prompts = ["The quick brown fox", "Numbers", "A stitch in time", "zz top"]
+    lengths = [6, 11, 6, 11]
+    mixed = gen.generate(tiny, prompts, max_new_tokens=lengths, greedy=greedy, seed=5, batch_size=4)
+    assert [s.max_new_tokens for s in mixed] == lengths and [s.prompt for s in mixed] == prompts
+    for n in (6, 11):
+        alone = gen.generate(tiny, prompts, max_new_tokens=n, greedy=greedy, seed=5, batch_size=4)
+        assert [a for a, m in zip(alone, lengths) if m == n] == [s for s in mixed if s.max_new_tokens == n]
+    with pytest.raises(ShapeError, match="3 max_new_tokens values for 4 prompts"):
+        gen.generate(tiny, prompts, max_new_tokens=[4, 4, 4])
+
+
+@pytest.mark.filterwarnings("ignore:the reference itself collapses")  # a random tiny model loops
+def test_suite_task_end_to_end(tiny, data_root) -> None:
+    task = parse_task({"task": "gen:chat_suite", "limit": 6, "batch_size": 6})
+    assert task.max_new_tokens is None  # each prompt's own
+    assert parse_task({"task": "gen:chat_suite", "max_new_tokens": 5}).max_new_tokens == 5
+    assert parse_task("gen:collapse").max_new_tokens == 64
+    recs = {r.metric: r for r in Evaluator(tiny).run(tiny, [task])}
+    prompts = recs["collapse_rate"].details["prompts"]
+    assert prompts["n"] == 6 and prompts["rendering"] == "user/assistant frame"
+    assert prompts["suite_sha256"] == gen.load_prompts("chat_suite").head(6).sha256
+    assert sum(n for _, n in prompts["collapsed_by_group"].values()) == 6
+    assert recs["collapse_rate"].details["max_new_tokens"] == 128
+
+
+def test_a_plain_prompt_set_needs_a_length(tiny) -> None:
+    from q2lab.eval.kinds.gen import _lengths
+
+    with pytest.raises(ConfigError, match="max_new_tokens is needed"):
+        _lengths(gen.load_prompts("default"), parse_task({"task": "gen:collapse", "max_new_tokens": None}))
