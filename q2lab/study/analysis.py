@@ -34,6 +34,10 @@ PLOT_METRICS = {"kld": ("kld_mean",), "ppl": ("ppl",), "mc": ("acc_norm", "acc")
 #: GEN_COLLAPSED, is a dissociation.
 MC_KEPT = 0.95
 GEN_COLLAPSED = 0.8
+#: ... and the generation loss must be significant: the paired comparison of collapse rates on
+#: the same prompts says "worse" (paired bootstrap CI excluding 0 and McNemar's exact p below
+#: this).  0 vs 4 collapsed of 8 prompts (p = 0.125) is not a dissociation; 0 vs 8 (p = 0.008) is.
+GEN_ALPHA = 0.05
 
 
 # --------------------------------------------------------------------------- columns
@@ -139,13 +143,21 @@ class Dissociation:
     mc: ResultRow
     reference_mc: ResultRow
     reference_collapse: float | None = None  # shown so a reader can discount a model that loops anyway
+    generation: Comparison | None = None  # the paired collapse comparison that made it significant
 
     def describe(self) -> str:
         lo, hi = self.reference_mc.ci_low, self.reference_mc.ci_high
         ref = "" if self.reference_collapse is None else f" (reference: {self.reference_collapse:.3f})"
+        test = ""
+        if self.generation is not None and self.generation.mcnemar is not None:
+            m = self.generation.mcnemar
+            test = (
+                f", McNemar p = {m.p_value:.3g} ({m.a_only} prompts collapse only here, "
+                f"{m.b_only} only in the reference)"
+            )
         return (
             f"**{self.cell.label}** (`{self.cell.id}`): collapse_rate {self.collapse.value:.3f}{ref} on "
-            f"{self.collapse.task}, yet {self.mc.task} {self.mc.metric} {self.mc.value:.3f} "
+            f"{self.collapse.task}{test}, yet {self.mc.task} {self.mc.metric} {self.mc.value:.3f} "
             f"lies inside the reference's 95% CI [{lo:.3f}, {hi:.3f}]."
         )
 
@@ -157,11 +169,14 @@ def mc_metric(mr: ModelResults, task: str) -> str | None:
 
 
 def find_dissociations(mr: ModelResults) -> list[Dissociation]:
-    """Cells whose generation collapses (retention < GEN_COLLAPSED against the reference's own
-    collapse rate) while an MC accuracy is inside the reference's CI and ≥ MC_KEPT of its value.
+    """Cells whose generation collapses — retention < GEN_COLLAPSED against the reference's own
+    collapse rate *and* significantly worse than the reference on the same prompts
+    (:func:`generation_loss`) — while an MC accuracy is inside the reference's CI and ≥ MC_KEPT
+    of its value.
 
-    Needs a reference with a CI on the MC task; without one nothing is flagged (an interval
-    is what makes "indistinguishable" a statement rather than an impression).
+    Needs a reference with a CI on the MC task and per-prompt collapse units on both rows;
+    without them nothing is flagged (an interval and a test are what make "indistinguishable"
+    and "collapsed" statements rather than impressions).
     """
     ref = mr.reference
     if ref is None:
@@ -170,22 +185,43 @@ def find_dissociations(mr: ModelResults) -> list[Dissociation]:
     mc_tasks = [(t, m) for t in mr.tasks() if task_kind(t) == "mc" and (m := mc_metric(mr, t))]
     found = []
     for cell in mr.quantized:
-        collapse = next((r for t in gen_tasks if _collapsed(r := mr.get(cell, t, "collapse_rate"))), None)
+        losses = (
+            (r, generation_loss(mr, cell, t)) for t in gen_tasks if (r := mr.get(cell, t, "collapse_rate"))
+        )
+        collapse, cmp = next(((r, c) for r, c in losses if c is not None), (None, None))
         if collapse is None:
             continue
+        ref_collapse = mr.value(ref, collapse.task, "collapse_rate")
         for task, metric in mc_tasks:
             ref_row, row = mr.get(ref, task, metric), mr.get(cell, task, metric)
-            ref_collapse = mr.value(ref, collapse.task, "collapse_rate")
             if (
                 ref_row
                 and row
                 and inside_ci(row.number("value"), ref_row)
                 and mc_retained(row.number("value"), ref_row.number("value"))
-                and gen_retention(collapse.number("value"), ref_collapse) < GEN_COLLAPSED
             ):
-                found.append(Dissociation(cell, collapse, row, ref_row, ref_collapse))
+                found.append(Dissociation(cell, collapse, row, ref_row, ref_collapse, cmp))
                 break
     return found
+
+
+def generation_loss(mr: ModelResults, cell: Cell, task: str) -> Comparison | None:
+    """The paired comparison of ``cell``'s collapse rate with the reference's on ``task`` when it
+    is a generation loss: retention below GEN_COLLAPSED and the comparison says "worse" at
+    GEN_ALPHA (McNemar exact p and the paired CI); else None."""
+    ref = mr.reference
+    row = mr.get(cell, task, "collapse_rate")
+    ref_row = mr.get(ref, task, "collapse_rate") if ref is not None else None
+    if row is None or ref_row is None or not _collapsed(row):
+        return None
+    if gen_retention(row.number("value"), ref_row.number("value")) >= GEN_COLLAPSED:
+        return None
+    cmp = compare_rows(row.to_dict(), ref_row.to_dict())
+    if cmp is None or cmp.verdict != "worse":
+        return None
+    if cmp.mcnemar is not None and cmp.mcnemar.p_value >= GEN_ALPHA:
+        return None
+    return cmp
 
 
 def mc_retained(value: float | None, ref_value: float | None) -> bool:
@@ -223,7 +259,7 @@ class Retention:
     gen: float | None  # generation: worst gen task's gen_retention
     tf_kld: float | None  # KLD teacher-forced along the reference's generations (first gen task)
     fr_kld: float | None  # KLD along the cell's own free-running generations
-    flag: bool  # LL and MC retention ≥ MC_KEPT while generation retention < GEN_COLLAPSED
+    flag: bool  # LL and MC retention ≥ MC_KEPT while generation is a significant loss (generation_loss)
 
 
 def retention_rows(mr: ModelResults) -> list[Retention]:
@@ -235,8 +271,9 @@ def retention_rows(mr: ModelResults) -> list[Retention]:
         mc = ratio_mean(mr, cell, ref, "mc", ("acc_norm", "acc"))
         gen = cell_gen_retention(mr, cell, ref)
         kept = [v for v in (ll, mc) if v is not None]
-        flag = bool(kept) and min(kept) >= MC_KEPT and gen is not None and gen < GEN_COLLAPSED
         gen_tasks = [t for t in mr.tasks() if task_kind(t) == "gen"]
+        lost = any(generation_loss(mr, cell, t) is not None for t in gen_tasks)
+        flag = bool(kept) and min(kept) >= MC_KEPT and lost
         tf = next((v for t in gen_tasks if (v := mr.value(cell, t, "tf_kld")) is not None), None)
         fr = next((v for t in gen_tasks if (v := mr.value(cell, t, "fr_kld")) is not None), None)
         out.append(Retention(cell, ll, mc, gen, tf, fr, flag))

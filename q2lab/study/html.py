@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from q2lab.study.analysis import (
+    GEN_ALPHA,
     GEN_COLLAPSED,
     MC_KEPT,
     find_dissociations,
@@ -213,7 +214,9 @@ def _model_html(mr: ModelResults) -> list[str]:
         out += [
             "<h3>Dissociation: what each cell keeps of the reference</h3>",
             "<p>Retention 1.0 = as good as the float reference. <i>dissociation</i>: log-likelihood and "
-            f"multiple-choice retention ≥ {MC_KEPT} while generation retention &lt; {GEN_COLLAPSED} — the "
+            f"multiple-choice retention ≥ {MC_KEPT} while generation retention &lt; {GEN_COLLAPSED} and the "
+            f"collapse rate is significantly worse than the reference's on the same prompts (McNemar p &lt; "
+            f"{GEN_ALPHA}) — the "
             "model scores well when handed text but collapses when it writes. tf_kld: KLD teacher-forced "
             "along the reference's generations; fr_kld: along the cell's own free-running generations.</p>",
             retention,

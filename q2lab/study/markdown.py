@@ -171,7 +171,8 @@ def model_section(mr: ModelResults) -> list[str]:
         parts += [
             "",
             "> **Dissociation (MC vs generation).** These cells look lossless on multiple choice "
-            "but their free generation collapses, so an MC-only evaluation would miss the damage:",
+            "but their free generation collapses — significantly more often than the reference's on "
+            "the same prompts — so an MC-only evaluation would miss the damage:",
             ">",
             *(f"> - † {d.describe()}" for d in dissociations),
         ]

@@ -144,22 +144,42 @@ def test_provenance_summary_flags_disagreement(rows):
 
 
 # --------------------------------------------------------------------------- dissociation
+def _collapse_units(collapsed: int, prompts: int) -> dict[str, Any]:
+    """Per-prompt collapse units (the first ``collapsed`` prompts collapsed), as records carry them."""
+    from q2lab.eval.stats import UNITS_KEY, UnitScores
+
+    sums = [1.0] * collapsed + [0.0] * (prompts - collapsed)
+    return {UNITS_KEY: UnitScores(sums, ids_sha256="prompts").to_json()}
+
+
 def _dissociation_rows(
-    acc: float, ref_ci: tuple[float, float] = (0.38, 0.42), ref_collapse: float = 0.0
+    acc: float,
+    ref_ci: tuple[float, float] = (0.38, 0.42),
+    ref_collapse: int = 0,
+    collapsed: int = 12,
+    prompts: int = 40,
 ) -> list[dict[str, Any]]:
+    example = {"examples": [{"text": "a a a a ``` a", "reasons": ["rep4"]}]}
     return [
         row("fp", "mc:hellaswag", "acc_norm", 0.40, ci=ref_ci),
-        row("fp", "gen:collapse", "collapse_rate", ref_collapse, ci=(0.0, 0.05)),
+        row(
+            "fp",
+            "gen:collapse",
+            "collapse_rate",
+            ref_collapse / prompts,
+            ci=(0.0, 0.05),
+            details=_collapse_units(ref_collapse, prompts),
+        ),
         row("gptq-b2", "mc:hellaswag", "acc_norm", acc),
         row(
             "gptq-b2",
             "gen:collapse",
             "collapse_rate",
-            0.3,
-            details={"examples": [{"text": "a a a a ``` a", "reasons": ["rep4"]}]},
+            collapsed / prompts,
+            details={**example, **_collapse_units(collapsed, prompts)},
         ),
         row("gptq-b4", "mc:hellaswag", "acc_norm", 0.40),
-        row("gptq-b4", "gen:collapse", "collapse_rate", 0.0),
+        row("gptq-b4", "gen:collapse", "collapse_rate", 0.0, details=_collapse_units(0, prompts)),
     ]
 
 
@@ -167,6 +187,7 @@ def test_dissociation_is_flagged_when_mc_matches_reference_but_generation_collap
     text = report.render_markdown(_dissociation_rows(acc=0.39))
     assert "**Dissociation (MC vs generation).**" in text
     assert "GPTQ 2b** (`tiny-llama/gptq-b2`): collapse_rate 0.300 (reference: 0.000) on" in text
+    assert "McNemar p = 0.000488 (12 prompts collapse only here, 0 only in the reference)" in text
     assert "GPTQ 2b †" in text and "GPTQ 4b †" not in text
     # the collapsed generation is shown verbatim inside a fence longer than its backtick run
     assert "````text\na a a a ``` a\n````" in text
@@ -179,8 +200,22 @@ def test_no_dissociation_when_mc_accuracy_also_drops():
 
 
 def test_no_dissociation_when_the_reference_collapses_as_often():
-    text = report.render_markdown(_dissociation_rows(acc=0.39, ref_collapse=0.3))
+    text = report.render_markdown(_dissociation_rows(acc=0.39, ref_collapse=12))
     assert "Dissociation (MC vs generation)" not in text
+
+
+@pytest.mark.parametrize("collapsed,flagged", [(4, False), (8, True)])
+def test_a_dissociation_needs_a_significant_generation_loss(collapsed, flagged):
+    """0 vs 4 collapsed of 8 prompts is McNemar p = 0.125: not evidence; 0 vs 8 (p = 0.0078) is."""
+    text = report.render_markdown(_dissociation_rows(acc=0.39, collapsed=collapsed, prompts=8))
+    assert ("Dissociation (MC vs generation)" in text) is flagged
+
+
+def test_no_dissociation_without_per_prompt_units():
+    rows = _dissociation_rows(acc=0.39)
+    for r in rows:
+        r["details"].pop("units", None)
+    assert "Dissociation (MC vs generation)" not in report.render_markdown(rows)
 
 
 def test_no_dissociation_from_a_wide_small_sample_interval_alone():

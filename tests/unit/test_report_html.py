@@ -13,7 +13,7 @@ import pytest
 
 from q2lab.study import html as rh
 from q2lab.study import report
-from tests.unit.test_report import row
+from tests.unit.test_report import _collapse_units, row
 
 LOOP = "the the the the the the the the the the"
 PROSE = "She opened the window and listened to the rain."
@@ -29,7 +29,7 @@ def _gen(
             "gen:collapse",
             "collapse_rate",
             collapse,
-            details={"examples": [ex]},
+            details={"examples": [ex], **_collapse_units(round(collapse * 8), 8)},  # 8 prompts
             higher_is_better=False,
         )
     ]
