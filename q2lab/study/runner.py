@@ -64,6 +64,7 @@ def run_study(
 ) -> Path:
     """Run (or resume) a study; returns the results path.  Writes report.md and pareto.png."""
     cfg = study if isinstance(study, StudyConfig) else load_study(study)
+    versions()  # the code state the study starts from (cached), not a later commit of a long run
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = out / RESULTS

@@ -19,23 +19,33 @@ def versions() -> dict[str, str]:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             out[name] = "absent"
-    commit = _git_commit()
+    commit, dirty = git_state(Path(__file__).resolve().parents[2])
     if commit:
         out["q2lab_commit"] = commit
+        if dirty:
+            out["q2lab_dirty"] = (
+                "yes"  # tracked files differed from the commit: the commit alone does not reproduce
+            )
     return out
 
 
-def _git_commit() -> str | None:
-    root = Path(__file__).resolve().parents[2]
+def git_state(root: Path) -> tuple[str | None, bool]:
+    """``(HEAD commit, tracked files modified)`` of the checkout at ``root``; ``(None, False)``
+    outside a git checkout.  :func:`versions` caches it, so a study records the state it
+    started from (the runner calls it first), not a later commit of a long run."""
     if not (root / ".git").exists():
-        return None
-    try:
-        res = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return res.stdout.strip() or None if res.returncode == 0 else None
+        return None, False
+
+    def git(*args: str) -> str | None:
+        try:
+            res = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=5)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return res.stdout if res.returncode == 0 else None
+
+    head = (git("rev-parse", "HEAD") or "").strip() or None
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return head, bool(head and status and status.strip())
 
 
 def machine() -> dict[str, str | int]:

@@ -91,3 +91,41 @@ def test_one_thread_restores_the_setting() -> None:
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_provenance_names_the_commit_and_a_modified_checkout(tmp_path) -> None:
+    """A record's ``q2lab_commit`` reproduces it only with the commit's own files: a checkout with
+    modified tracked files says so (``q2lab_dirty``)."""
+    import os
+    import shutil
+    import subprocess
+
+    from q2lab.utils.provenance import git_state
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    assert git_state(tmp_path) == (None, False)
+
+    def git(*args: str) -> str:
+        env = {
+            **os.environ,
+            "GIT_AUTHOR_NAME": "t",
+            "GIT_AUTHOR_EMAIL": "t@t",
+            "GIT_COMMITTER_NAME": "t",
+            "GIT_COMMITTER_EMAIL": "t@t",
+        }
+        run = subprocess.run(
+            ["git", "-C", str(tmp_path), *args], capture_output=True, text=True, env=env, check=True
+        )
+        return run.stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("commit", "-qm", "one")
+    head = git("rev-parse", "HEAD")
+    assert git_state(tmp_path) == (head, False)
+    (tmp_path / "b.py").write_text("untracked\n")  # untracked files do not change the code that ran
+    assert git_state(tmp_path) == (head, False)
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert git_state(tmp_path) == (head, True)
