@@ -43,7 +43,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -53,6 +53,9 @@ from q2lab.eval.records import Record
 from q2lab.eval.stats import UNITS_KEY, UnitScores, ids_sha256, mean_ci
 from q2lab.utils.kvcache import cache_kwargs, output_cache, reserve
 from q2lab.utils.progress import progress
+
+if TYPE_CHECKING:
+    from q2lab.data.tasks.chat_suite import SuitePrompt
 
 # --------------------------------------------------------------------------- prompts
 #: Short English prompts for plain text continuation (no chat template): two dialogues, two
@@ -136,14 +139,38 @@ class PromptSet:
     name: str  # "default" or the path given
     prompts: tuple[str, ...]
     sha256: str  # of the prompts joined by "\n" (so a file and the same prompts inline agree)
-    turns: tuple[tuple[Turn, ...], ...] | None = None
-    lengths: tuple[int, ...] | None = None
-    meta: tuple[dict[str, str], ...] | None = None
+    suite: tuple[SuitePrompt, ...] | None = None  # a suite's prompts, in the order of ``prompts``
     rendering: str = "plain"  # "plain", "chat template" or "user/assistant frame"
 
     @classmethod
     def from_prompts(cls, name: str, prompts: Sequence[str]) -> PromptSet:
         return cls(name, tuple(prompts), prompts_sha256(prompts))
+
+    @classmethod
+    def from_suite(cls, name: str, suite: Sequence[SuitePrompt]) -> PromptSet:
+        """A suite's prompts (each its last user turn, until rendered), hashed as the suite hashes
+        itself (:func:`~q2lab.data.tasks.chat_suite.suite_sha256`)."""
+        from q2lab.data.tasks.chat_suite import suite_sha256
+
+        return cls(name, tuple(p.text for p in suite), suite_sha256(suite), tuple(suite))
+
+    @property
+    def turns(self) -> tuple[tuple[Turn, ...], ...] | None:
+        return (
+            None
+            if self.suite is None
+            else tuple(tuple((m.role, m.content) for m in p.messages) for p in self.suite)
+        )
+
+    @property
+    def lengths(self) -> tuple[int, ...] | None:
+        return None if self.suite is None else tuple(p.max_new_tokens for p in self.suite)
+
+    @property
+    def meta(self) -> tuple[dict[str, str], ...] | None:
+        if self.suite is None:
+            return None
+        return tuple({"id": p.id, "lang": p.lang, "use": p.use, "source": p.source} for p in self.suite)
 
     def describe(self) -> str:
         return f"{self.name} ({len(self.prompts)} prompts, sha256 {self.sha256[:12]})"
@@ -152,24 +179,9 @@ class PromptSet:
         """The first ``n`` prompts (all when ``n`` is None); a cut set hashes its own prompts."""
         if n is None or n >= len(self.prompts):
             return self
-
-        def cut(x):
-            return None if x is None else x[:n]
-
-        sha = prompts_sha256(self.prompts[:n]) if self.turns is None else _suite_sha(self, n)
-        return dataclasses.replace(
-            self,
-            prompts=self.prompts[:n],
-            sha256=sha,
-            turns=cut(self.turns),
-            lengths=cut(self.lengths),
-            meta=cut(self.meta),
-        )
-
-
-def _suite_sha(prompts: PromptSet, n: int) -> str:
-    blob = json.dumps([prompts.turns[:n], prompts.lengths[:n], prompts.meta[:n]], ensure_ascii=False)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+        if self.suite is None:
+            return PromptSet.from_prompts(self.name, self.prompts[:n])
+        return dataclasses.replace(PromptSet.from_suite(self.name, self.suite[:n]), prompts=self.prompts[:n])
 
 
 def load_suite(name: str, seed: int = 0) -> PromptSet:
@@ -177,15 +189,7 @@ def load_suite(name: str, seed: int = 0) -> PromptSet:
     the suite's own (every prompt's turns, length and metadata)."""
     from q2lab.data.tasks.chat_suite import build_chat_suite
 
-    suite = build_chat_suite(seed).subset(SUITES[name])
-    return PromptSet(
-        name,
-        tuple(p.text for p in suite.prompts),
-        suite.sha256,
-        turns=tuple(tuple((m.role, m.content) for m in p.messages) for p in suite.prompts),
-        lengths=tuple(p.max_new_tokens for p in suite.prompts),
-        meta=tuple({"id": p.id, "lang": p.lang, "use": p.use, "source": p.source} for p in suite.prompts),
-    )
+    return PromptSet.from_suite(name, build_chat_suite(seed).subset(SUITES[name]).prompts)
 
 
 def prompts_sha256(prompts: Sequence[str]) -> str:
@@ -287,15 +291,9 @@ def encode_prompt(loaded, prompt: str) -> list[int]:
 def chat_prompt(loaded, prompt: str, chat: bool | None = None) -> str:
     """The text the model continues: the chat template's rendering of one user turn when the
     tokenizer has a template (``chat=None``: automatic) or ``chat=True``, else the bare prompt."""
-    template = getattr(loaded.tokenizer, "chat_template", None)
     if chat is None:
-        chat = bool(template)
-    if not chat:
-        return prompt
-    if not template:
-        raise ConfigError(f"{loaded.info.name} has no chat template; set chat: false for plain continuation")
-    messages = [{"role": "user", "content": prompt}]
-    return loaded.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        chat = bool(getattr(loaded.tokenizer, "chat_template", None))
+    return render_conversation(loaded, [("user", prompt)], True)[0] if chat else prompt
 
 
 def render_conversation(loaded, turns: Sequence[Turn], chat: bool | None = None) -> tuple[str, str]:
@@ -308,9 +306,7 @@ def render_conversation(loaded, turns: Sequence[Turn], chat: bool | None = None)
         chat = bool(template)
     if chat:
         if not template:
-            raise ConfigError(
-                f"{loaded.info.name} has no chat template; set chat: false to render prompts as plain text"
-            )
+            raise ConfigError(f"{loaded.info.name} has no chat template; set chat: false for plain text")
         messages = [{"role": r, "content": c} for r, c in turns]
         text = loaded.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return text, "chat template"
@@ -1064,10 +1060,9 @@ def _details(
         for family in {r.split(":", 1)[0] for r in reasons}:
             families[family] = families.get(family, 0) + 1
     info: dict[str, Any] = {"name": name, "n": len(prompts), "sha256": sha}
-    if prompt_set is not None and prompt_set.turns is not None:
+    if prompt_set is not None and prompt_set.meta is not None:
         info["suite_sha256"] = prompt_set.sha256
         info["rendering"] = prompt_set.rendering
-    if prompt_set is not None and prompt_set.meta is not None:
         groups: dict[str, list[int]] = {}
         for m, (hit, _) in zip(prompt_set.meta, verdicts):
             g = groups.setdefault(f"{m['lang']}/{m['use']}", [0, 0])

@@ -30,6 +30,11 @@ def test_the_suite_is_a_prompt_set_with_turns_lengths_and_metadata(suite) -> Non
     head = suite.head(10)
     assert head.prompts == suite.prompts[:10] and head.lengths == suite.lengths[:10]
     assert head.sha256 != suite.sha256 and suite.head(None) is suite
+    # one hash formula: a cut suite hashes as the suite builder hashes those prompts
+    from q2lab.data.tasks.chat_suite import build_chat_suite, suite_sha256
+
+    assert head.sha256 == suite_sha256(build_chat_suite(0).prompts[:10])
+    assert suite.sha256 == build_chat_suite(0).sha256
 
 
 def test_plain_frame_and_chat_template(tiny) -> None:
