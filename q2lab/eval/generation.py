@@ -40,7 +40,7 @@ import math
 import re
 import warnings
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -325,6 +325,8 @@ def generate(
     temperature: float = 1.0,
     batch_size: int = 8,
     logits_processor: LogitsProcessor | None = None,
+    done: Mapping[int, GenSample] | None = None,
+    on_batch: Callable[[dict[int, GenSample]], None] | None = None,
 ) -> list[GenSample]:
     """Continue each prompt by up to ``max_new_tokens`` tokens, stopping at EOS.
 
@@ -333,7 +335,9 @@ def generate(
     seeded by ``(seed, prompt index)``, so samples do not depend on ``batch_size``.
     Prompts are batched with left padding and a KV cache.  ``logits_processor(ids, logits)``
     (the Hugging Face signature) may rewrite the last-position logits before each choice —
-    tests use it to force a loop.
+    tests use it to force a loop.  ``done`` holds samples already generated (by prompt index,
+    from a resume file): only the other prompts are decoded, each batch's new samples go to
+    ``on_batch`` as soon as it finishes.
     """
     texts = list(prompts.prompts if isinstance(prompts, PromptSet) else prompts)
     lengths = [max_new_tokens] * len(texts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
@@ -346,25 +350,51 @@ def generate(
     if batch_size < 1:
         raise ConfigError(f"batch_size must be ≥ 1, got {batch_size}")
     encoded = [encode_prompt(loaded, p) for p in texts]
+    _check_context(loaded, encoded, lengths)
     stop = torch.tensor(eos_ids(loaded), dtype=torch.long)
     # prompts of one length decode together; a prompt keeps its index (its sampling stream)
+    samples: dict[int, GenSample] = dict(done or {})
     batches = [
         idx[s : s + batch_size]
         for n in sorted(set(lengths))
-        for idx in [[i for i, m in enumerate(lengths) if m == n]]
+        for idx in [[i for i, m in enumerate(lengths) if m == n and i not in samples]]
         for s in range(0, len(idx), batch_size)
     ]
-    samples: dict[int, GenSample] = {}
     for batch in progress(batches, "generate", total=len(batches), unit="batch"):
         n = lengths[batch[0]]
         gens = None if greedy else [_prompt_generator(seed, i) for i in batch]
         rows = _generate_batch(
             loaded.model, [encoded[i] for i in batch], n, stop, gens, temperature, logits_processor
         )
-        for i, (ids, hit) in zip(batch, rows):
-            text = loaded.tokenizer.decode(ids, skip_special_tokens=False)
-            samples[i] = GenSample(texts[i], text, tuple(ids), hit, len(ids), n)
+        fresh = {
+            i: GenSample(
+                texts[i],
+                loaded.tokenizer.decode(ids, skip_special_tokens=False),
+                tuple(ids),
+                hit,
+                len(ids),
+                n,
+            )
+            for i, (ids, hit) in zip(batch, rows)
+        }
+        samples.update(fresh)
+        if on_batch is not None:
+            on_batch(fresh)
     return [samples[i] for i in range(len(texts))]
+
+
+def _check_context(loaded, encoded: list[list[int]], lengths: list[int]) -> None:
+    """A prompt plus its new tokens must fit the model's context: past it positions are
+    extrapolated (or index out of range deep inside the model), so say which prompt is too long."""
+    from q2lab.eval.multiple_choice import max_context
+
+    limit = max_context(loaded)
+    for i, (e, n) in enumerate(zip(encoded, lengths)):
+        if len(e) + n > limit:
+            raise DataError(
+                f"prompt {i} is {len(e)} tokens; with max_new_tokens {n} it exceeds "
+                f"{loaded.info.name}'s context of {limit} tokens"
+            )
 
 
 def _prompt_generator(seed: int, index: int) -> torch.Generator:

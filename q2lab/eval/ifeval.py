@@ -37,7 +37,6 @@ finished batch of answers is appended to it and a rerun continues where it stopp
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -227,11 +226,12 @@ def run_ifeval(
     appended to, that JSON-lines file (keyed by prompt key, checked against the settings)."""
     from q2lab.eval.generation import chat_prompt, encode_prompt, generate
     from q2lab.utils.progress import progress
+    from q2lab.utils.resume import append_resume, read_resume
 
     use_chat = bool(getattr(loaded.tokenizer, "chat_template", None)) if chat is None else chat
     texts = {it.key: chat_prompt(loaded, it.prompt, use_chat) for it in data.items}
     settings = {"max_new_tokens": max_new_tokens, "chat": use_chat, "data": data.sha256}
-    done = _read_resume(resume, settings) if resume else {}
+    done = {int(k): (str(r["text"]), bool(r["hit_limit"])) for k, r in read_resume(resume, settings).items()}
     todo = sorted(
         (it for it in data.items if it.key not in done),
         key=lambda it: len(encode_prompt(loaded, texts[it.key])),
@@ -244,44 +244,13 @@ def run_ifeval(
         fresh = {it.key: (s.text, not s.hit_eos) for it, s in zip(batch, samples)}
         done.update(fresh)
         if resume:
-            _append_resume(resume, settings, fresh)
+            append_resume(resume, settings, {k: {"text": t, "hit_limit": h} for k, (t, h) in fresh.items()})
     registry = _registry()
     answers = [done[it.key][0] for it in data.items]
     verdicts = [verify(it, a, registry) for it, a in zip(data.items, answers)]
     return IFEvalRun(
         data.items, answers, verdicts, max_new_tokens, use_chat, [done[it.key][1] for it in data.items]
     )
-
-
-def _read_resume(path: str | Path, settings: dict[str, Any]) -> dict[int, tuple[str, bool]]:
-    path = Path(path)
-    if not path.exists():
-        return {}
-    out: dict[int, tuple[str, bool]] = {}
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash: that answer is generated again
-            if rec.get("settings") == settings:
-                out[int(rec["key"])] = (str(rec["text"]), bool(rec["hit_limit"]))
-    return out
-
-
-def _append_resume(path: str | Path, settings: dict[str, Any], fresh: dict[int, tuple[str, bool]]) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    data = "".join(
-        json.dumps({"key": k, "text": t, "hit_limit": h, "settings": settings}, ensure_ascii=False) + "\n"
-        for k, (t, h) in fresh.items()
-    )
-    with open(path, "a+b") as f:
-        f.seek(0, os.SEEK_END)
-        if f.tell() and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n":
-            data = "\n" + data  # close a line torn by a crash, so the new answers stay readable
-        f.write(data.encode("utf-8"))
-        f.flush()
-        os.fsync(f.fileno())
 
 
 # --------------------------------------------------------------------------- records

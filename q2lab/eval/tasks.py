@@ -165,9 +165,15 @@ class Evaluator:
         """A kind's cache of reference outputs under ``name``, kept for this evaluator's life."""
         return self._caches.setdefault(name, {})
 
-    def resume_file(self, candidate: LoadedModel, task: TaskSpec, what: str) -> Path | None:
-        """Where a long task keeps its partial results, keyed by candidate and task settings."""
+    def resume_file(
+        self, candidate: LoadedModel, task: TaskSpec, what: str, who: str | None = None
+    ) -> Path | None:
+        """Where a long task keeps its partial results, keyed by candidate and task settings
+        (``who`` names the model instead of the candidate key: the reference's samples are one
+        file whichever cell generates them)."""
         if self.workdir is None:
             return None
-        who = self.candidate_key or candidate.info.fingerprint
+        who = (
+            f"{who}|{candidate.info.fingerprint}" if who else self.candidate_key or candidate.info.fingerprint
+        )
         return Path(self.workdir) / "partial" / f"{what}-{sha256_json([who, task.key()])[:16]}.jsonl"

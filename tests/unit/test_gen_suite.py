@@ -68,7 +68,8 @@ def test_per_prompt_lengths_equal_generating_each_length_alone(tiny, greedy) -> 
 
 
 @pytest.mark.filterwarnings("ignore:the reference itself collapses")  # a random tiny model loops
-def test_suite_task_end_to_end(tiny, data_root) -> None:
+def test_suite_task_end_to_end(tiny, data_root, monkeypatch) -> None:
+    monkeypatch.setattr(tiny.model.config, "max_position_embeddings", 1024)  # suite prompts + 256
     task = parse_task({"task": "gen:chat_suite", "limit": 6, "batch_size": 6})
     assert task.max_new_tokens is None  # each prompt's own
     assert parse_task({"task": "gen:chat_suite", "max_new_tokens": 5}).max_new_tokens == 5
@@ -86,3 +87,34 @@ def test_a_plain_prompt_set_needs_a_length(tiny) -> None:
 
     with pytest.raises(ConfigError, match="max_new_tokens is needed"):
         _lengths(gen.load_prompts("default"), parse_task({"task": "gen:collapse", "max_new_tokens": None}))
+
+
+@pytest.mark.filterwarnings("ignore:the reference itself collapses")
+def test_samples_resume_from_the_workdir_and_are_shared_across_evaluators(tiny, tmp_path, monkeypatch) -> None:
+    """A study keeps every generated batch: a second evaluator on the same workdir (another
+    process, or the same cell judged again) reuses the reference's and the candidate's samples."""
+    from tests.tiny import make_tiny_model
+
+    cand = make_tiny_model("llama", seed=3)
+    task = parse_task({"task": "gen:default", "limit": 4, "max_new_tokens": 6, "batch_size": 2})
+    first = Evaluator(tiny, workdir=tmp_path, candidate_key="cell-a").run(cand, [task])
+    files = sorted(p.name for p in (tmp_path / "partial").glob("gen-*.jsonl"))
+    assert len(files) == 2  # the reference's and the candidate's
+    monkeypatch.setattr(gen, "_generate_batch", lambda *a, **k: pytest.fail("samples should be reused"))
+    again = Evaluator(tiny, workdir=tmp_path, candidate_key="cell-a").run(cand, [task])
+    assert [(r.metric, r.value) for r in again] == [(r.metric, r.value) for r in first]
+    monkeypatch.undo()
+    # other settings (another length) are another task key: decoded again, into their own files
+    longer = parse_task({"task": "gen:default", "limit": 4, "max_new_tokens": 7, "batch_size": 2})
+    Evaluator(tiny, workdir=tmp_path, candidate_key="cell-a").run(cand, [longer])
+    lines = {p.name: len(p.read_text().splitlines()) for p in (tmp_path / "partial").glob("gen-*.jsonl")}
+    assert set(files) < set(lines) and len(lines) == 4 and set(lines.values()) == {4}
+
+
+def test_a_prompt_longer_than_the_context_is_one_clear_error(tiny) -> None:
+    from q2lab.errors import DataError
+    from q2lab.eval.multiple_choice import max_context
+
+    limit = max_context(tiny)
+    with pytest.raises(DataError, match=rf"prompt 1 is \d+ tokens; with max_new_tokens 4 it exceeds .*{limit}"):
+        gen.generate(tiny, ["short", "word " * limit], max_new_tokens=4)

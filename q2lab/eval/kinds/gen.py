@@ -5,6 +5,7 @@ reference's NLL of the candidate's text and teacher-forced / free-running KLD.""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from q2lab.errors import ConfigError
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
 GEN_ALIASES = {"collapse": "default"}
 _THRESHOLDS = "gen.thresholds"  # Evaluator.cache: collapse thresholds per (task key, prompts)
 _REF_SAMPLES = "gen.reference_samples"  # Evaluator.cache: the reference's generations, same key
+_REFERENCE = "reference"  # names the reference's resume file, whichever cell generates its samples
 
 
 @register_kind
@@ -57,7 +59,8 @@ class GenerationKind(TaskKind):
         (task,) = tasks
         reference = evaluator.reference
         prompts = _prompts(candidate, task)
-        samples = _generate(candidate, prompts, task)
+        who = _REFERENCE if is_reference else None
+        samples = _generate(candidate, prompts, task, evaluator.resume_file(candidate, task, "gen", who=who))
         thresholds = _thresholds(evaluator, task, prompts, samples if is_reference else None)
         ref_nll = reference_nll(reference, samples) if reference is not None else None
         records = collapse_records(task.label, samples, thresholds, ref_nll=ref_nll, prompt_set=prompts)
@@ -98,18 +101,52 @@ def _lengths(prompts, task: TaskSpec) -> int | tuple[int, ...]:
     return prompts.lengths
 
 
-def _generate(model: LoadedModel, prompts, task: TaskSpec):
-    from q2lab.eval.generation import generate
+def _generate(model: LoadedModel, prompts, task: TaskSpec, resume: Path | None = None):
+    """The model's samples of every prompt; with a ``resume`` file (a study's workdir) finished
+    batches are kept there, so an interrupted cell, a re-judged cell and another process's cells
+    reuse them instead of decoding again (the whole chat suite is ~10 min on 2 CPU cores)."""
+    from q2lab.eval.generation import GenSample, generate, prompts_sha256
+    from q2lab.utils.resume import append_resume, read_resume
 
     greedy = task.temperature is None
+    lengths = _lengths(prompts, task)
+    per_prompt = [lengths] * len(prompts.prompts) if isinstance(lengths, int) else list(lengths)
+    settings = {
+        "prompts": prompts_sha256(prompts.prompts),
+        "max_new_tokens": per_prompt,
+        "temperature": task.temperature,
+        "seed": task.seed,
+    }
+    done = {
+        int(k): GenSample(
+            prompts.prompts[int(k)],
+            r["text"],
+            tuple(r["token_ids"]),
+            r["hit_eos"],
+            len(r["token_ids"]),
+            per_prompt[int(k)],
+        )
+        for k, r in read_resume(resume, settings).items()
+    }
+
+    def keep(fresh: dict[int, GenSample]) -> None:
+        if resume is not None:
+            rows = {
+                i: {"text": s.text, "token_ids": list(s.token_ids), "hit_eos": s.hit_eos}
+                for i, s in fresh.items()
+            }
+            append_resume(resume, settings, rows)
+
     return generate(
         model,
         prompts,
-        max_new_tokens=_lengths(prompts, task),
+        max_new_tokens=lengths,
         greedy=greedy,
         temperature=1.0 if greedy else float(task.temperature),
         seed=task.seed,
         batch_size=task.batch_size or 8,
+        done=done,
+        on_batch=keep,
     )
 
 
@@ -129,7 +166,8 @@ def _thresholds(evaluator: Evaluator, task: TaskSpec, prompts, own_samples: Any)
         if reference is None:
             cache[key] = CollapseThresholds()
         else:
-            ref_samples = own_samples or _generate(reference, prompts, task)
+            resume = evaluator.resume_file(reference, task, "gen", who=_REFERENCE)
+            ref_samples = own_samples or _generate(reference, prompts, task, resume)
             evaluator.cache(_REF_SAMPLES)[key] = ref_samples
             cache[key] = CollapseThresholds.from_reference(
                 ref_samples, ref_nll=reference_nll(reference, ref_samples)
