@@ -655,6 +655,31 @@ def language_drift(prompt: str, text: str, target: str | None = None) -> float:
     return 1.0 - counts.get(lang, 0) / total if total >= MIN_LANGUAGE_HITS else 0.0
 
 
+#: Word n-gram length of :func:`echo_share`: long enough that ordinary phrasing and a summary's
+#: quoted names rarely match the prompt, short enough that a copied sentence does.
+ECHO_NGRAM = 6
+_TOKEN_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def echo_share(prompt: str, text: str, n: int = ECHO_NGRAM) -> float:
+    """Share of the continuation's word ``n``-grams that also occur in the prompt: near 1 for a
+    model that echoes the question (or the passage it was asked to summarize), near 0 for an
+    answer in its own words; 0 below ``n`` words."""
+    words = [w.lower() for w in _TOKEN_WORD.findall(text)]
+    if len(words) < n:
+        return 0.0
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    source = [w.lower() for w in _TOKEN_WORD.findall(prompt)]
+    seen = {tuple(source[i : i + n]) for i in range(len(source) - n + 1)}
+    return sum(g in seen for g in grams) / len(grams)
+
+
+def is_empty(text: str) -> bool:
+    """An answer with nothing but whitespace: the model stopped (or emitted only blanks) before
+    saying anything — the failure of 2-bit chat models that put their end-of-turn token first."""
+    return not text.strip()
+
+
 def early_eos(n_new: int, hit_eos: bool, min_new_tokens: int) -> bool:
     """True when the model ended (EOS) before writing ``min_new_tokens`` tokens.
 
@@ -677,6 +702,8 @@ class GenMetrics:
     hit_eos: bool
     ref_nll: float | None = None  # nats/token under the reference, if it was scored
     drift: float = 0.0  # language drift away from the prompt's language (see language_drift)
+    echo: float = 0.0  # share of word n-grams copied from the prompt (see echo_share)
+    empty: bool = False  # nothing but whitespace (see is_empty)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self) | {"entropy_ratio": self.entropy_ratio}
@@ -691,8 +718,10 @@ class GenMetrics:
         return self.entropy / math.log2(self.n_new) if self.n_new >= 2 else 1.0
 
 
-def sample_metrics(sample: GenSample, ref_nll: float | None = None) -> GenMetrics:
-    """Every metric of one continuation; ``ref_nll`` from :func:`reference_nll` if available."""
+def sample_metrics(sample: GenSample, ref_nll: float | None = None, lang: str | None = None) -> GenMetrics:
+    """Every metric of one continuation; ``ref_nll`` from :func:`reference_nll` if available,
+    ``lang`` the language the answer should be in (a suite prompt's; default: detected from the
+    prompt, which a chat template's English system prompt can sway)."""
     loop, period = longest_loop(sample.token_ids)
     return GenMetrics(
         rep4=rep_n(sample.token_ids, 4),
@@ -704,7 +733,9 @@ def sample_metrics(sample: GenSample, ref_nll: float | None = None) -> GenMetric
         n_new=sample.n_new,
         hit_eos=sample.hit_eos,
         ref_nll=None if ref_nll is None or math.isnan(ref_nll) else float(ref_nll),
-        drift=language_drift(sample.prompt, sample.text),
+        drift=language_drift(sample.prompt, sample.text, lang),
+        echo=echo_share(sample.prompt, sample.text),
+        empty=is_empty(sample.text),
     )
 
 
@@ -869,7 +900,15 @@ THRESHOLD_BOUNDS: dict[str, _Bound] = {
     "min_new_tokens": _Bound("min", 8, sensitive=8, blind=1),  # tokens before EOS
     "max_ref_nll": _Bound("max", 3.0, sensitive=5.0, blind=8.0),  # nats per token
     "max_drift": _Bound("max", 0.25, sensitive=0.4, blind=0.7),  # share of other-language evidence
+    "max_echo": _Bound("max", 0.2, sensitive=0.5, blind=0.8),  # share of word 6-grams from the prompt
 }
+
+#: Share of the reference's least healthy samples left out when calibrating each threshold.
+#: "Worst value + margin" lets one degenerate reference sample (small models loop in float on a
+#: few of 200 prompts) set the threshold for all, up to the blind bound; leaving out the worst
+#: 5 % keeps the threshold at what the reference does on nearly every prompt.  Below 20 prompts
+#: nothing is left out (the worst value is used, as before).
+IGNORE_WORST = 0.05
 
 
 @dataclass(frozen=True)
@@ -891,6 +930,7 @@ class CollapseThresholds:
     min_new_tokens: int = 4
     max_ref_nll: float = 6.0
     max_drift: float = 0.5
+    max_echo: float = 0.6
     source: str = "defaults"
     max_new_tokens: int | None = None  # generation length the thresholds were calibrated for
 
@@ -912,60 +952,172 @@ class CollapseThresholds:
         margin: float = 1.0,
         *,
         ref_nll: Sequence[float] | None = None,
+        ignore: float = IGNORE_WORST,
+        langs: Sequence[str | None] | None = None,
     ) -> CollapseThresholds:
-        """Thresholds from the float model's own generations on the same prompts.
+        """Thresholds from the float model's own generations on the same prompts (one length).
 
-        Each threshold is the reference's worst value plus ``margin`` times the metric's
-        margin in :data:`THRESHOLD_BOUNDS`, clipped to its bounds.  ``ref_nll`` is
-        :func:`reference_nll` of the reference's own samples; without it ``max_ref_nll`` keeps
-        its default.  Warns when the reference itself breaks the thresholds (possible only
-        where a bound clipped), since those prompts cannot discriminate.
+        Each threshold is the reference's value after leaving out its ``ignore`` share of least
+        healthy samples (:data:`IGNORE_WORST`; the worst value below 20 samples) plus ``margin``
+        times the metric's margin in :data:`THRESHOLD_BOUNDS`, clipped to its bounds.
+        ``ref_nll`` is :func:`reference_nll` of the reference's own samples; without it
+        ``max_ref_nll`` keeps its default; ``langs`` are the prompts' languages (drift).  Warns
+        when the reference itself breaks the thresholds on more samples than ``ignore`` left
+        out, since those prompts cannot discriminate.
         """
         if not ref_samples:
             raise ConfigError("cannot calibrate collapse thresholds from zero reference samples")
         if margin < 0:
             raise ConfigError(f"collapse margin must be ≥ 0, got {margin}")
+        if not 0 <= ignore < 0.5:
+            raise ConfigError(f"the ignored share of reference samples must be in [0, 0.5), got {ignore}")
         nll = list(ref_nll) if ref_nll is not None else [None] * len(ref_samples)
         if len(nll) != len(ref_samples):
             raise ShapeError(f"{len(nll)} reference NLLs for {len(ref_samples)} reference samples")
-        metrics = [sample_metrics(s, v) for s, v in zip(ref_samples, nll)]
-        values = {k: v for k, v in _worst_values(metrics).items() if v is not None}
+        metrics = _metrics(ref_samples, nll, langs)
+        values = {k: v for k, v in _calibration_values(metrics, ignore).items() if v is not None}
         fields: dict[str, Any] = {k: THRESHOLD_BOUNDS[k].calibrate(v, margin) for k, v in values.items()}
         for k in ("max_loop", "min_new_tokens"):
             fields[k] = round(fields[k])
         lengths = {s.max_new_tokens for s in ref_samples}
+        left_out = _left_out(len(metrics), ignore)
         out = cls(
             **fields,
-            source=f"reference ({len(ref_samples)} samples, margin x{margin:g})",
+            source=f"reference ({len(ref_samples)} samples, worst {left_out} left out, margin x{margin:g})",
             max_new_tokens=lengths.pop() if len(lengths) == 1 else None,
         )
-        _warn_if_reference_collapses(metrics, out)
+        _warn_if_reference_collapses(metrics, out, allowed=left_out)
         return out
 
 
-def _worst_values(metrics: list[GenMetrics]) -> dict[str, float | None]:
-    """The reference's least healthy value of each metric (over the samples it applies to)."""
+def _metrics(
+    samples: Sequence[GenSample], nll: Sequence[float | None], langs: Sequence[str | None] | None
+) -> list[GenMetrics]:
+    langs = list(langs) if langs is not None else [None] * len(samples)
+    if len(langs) != len(samples):
+        raise ShapeError(f"{len(langs)} prompt languages for {len(samples)} samples")
+    return [sample_metrics(s, v, g) for s, v, g in zip(samples, nll, langs)]
+
+
+def _left_out(n: int, ignore: float) -> int:
+    """How many least-healthy reference samples calibration leaves out: none below 20."""
+    return int(n * ignore) if n >= 20 else 0
+
+
+def _healthy_end(values: Sequence[float], worst_is_high: bool, left_out: int) -> float:
+    """The least healthy value once the ``left_out`` worst are dropped."""
+    ranked = sorted(values, reverse=worst_is_high)
+    return ranked[min(left_out, len(ranked) - 1)]
+
+
+def _calibration_values(metrics: list[GenMetrics], ignore: float) -> dict[str, float | None]:
+    """Per metric, the reference's least healthy value over the samples it applies to, once the
+    worst ``ignore`` share of all samples is left out (each metric on its own)."""
+    k = _left_out(len(metrics), ignore)
     low_h = [m.entropy_ratio for m in metrics if m.n_new >= MIN_TOKENS_LOW_ENTROPY]
     high_h = [m.entropy_ratio for m in metrics if m.n_new >= MIN_TOKENS_HIGH_ENTROPY]
     nll = [m.ref_nll for m in metrics if m.ref_nll is not None]
+    stopped = [m.n_new for m in metrics if m.hit_eos]
+
+    def high(vals: Sequence[float]) -> float | None:
+        return _healthy_end(vals, True, k) if vals else None
+
+    def low(vals: Sequence[float]) -> float | None:
+        return _healthy_end(vals, False, k) if vals else None
+
     return {
-        "max_loop": max(m.longest_loop for m in metrics),
-        "max_rep4": max(m.rep4 for m in metrics),
-        "min_distinct2": min(m.distinct2 for m in metrics),
-        "max_zlib": max(m.zlib_ratio for m in metrics),
-        "min_entropy_ratio": min(low_h) if low_h else None,
-        "max_entropy_ratio": max(high_h) if high_h else None,
+        "max_loop": high([m.longest_loop for m in metrics]),
+        "max_rep4": high([m.rep4 for m in metrics]),
+        "min_distinct2": low([m.distinct2 for m in metrics]),
+        "max_zlib": high([m.zlib_ratio for m in metrics]),
+        "min_entropy_ratio": low(low_h),
+        "max_entropy_ratio": high(high_h),
         # a reference that never stops early counts as stopping at its full length
-        "min_new_tokens": min((m.n_new for m in metrics if m.hit_eos), default=min(m.n_new for m in metrics)),
-        "max_ref_nll": max(nll) if nll else None,
-        "max_drift": max(m.drift for m in metrics),
+        "min_new_tokens": low(stopped) if stopped else min(m.n_new for m in metrics),
+        "max_ref_nll": high([v for v in nll if v is not None]),
+        "max_drift": high([m.drift for m in metrics]),
+        "max_echo": high([m.echo for m in metrics]),
     }
 
 
-def _warn_if_reference_collapses(metrics: list[GenMetrics], thresholds: CollapseThresholds) -> None:
+def calibrate_thresholds(
+    ref_samples: Sequence[GenSample],
+    margin: float = 1.0,
+    *,
+    ref_nll: Sequence[float] | None = None,
+    ignore: float = IGNORE_WORST,
+    langs: Sequence[str | None] | None = None,
+) -> dict[int, CollapseThresholds]:
+    """One :class:`CollapseThresholds` per generation length (``max_new_tokens``): zlib ratio,
+    entropy and loop length all grow with the length of the text, so a 256-token essay and a
+    128-token reply are judged against the reference's samples of their own length."""
+    nll = list(ref_nll) if ref_nll is not None else [None] * len(ref_samples)
+    lg = list(langs) if langs is not None else [None] * len(ref_samples)
+    if len(nll) != len(ref_samples) or len(lg) != len(ref_samples):
+        raise ShapeError(f"{len(nll)} NLLs and {len(lg)} languages for {len(ref_samples)} reference samples")
+    out = {}
+    for n in sorted({s.max_new_tokens for s in ref_samples}):
+        idx = [i for i, s in enumerate(ref_samples) if s.max_new_tokens == n]
+        out[n] = CollapseThresholds.from_reference(
+            [ref_samples[i] for i in idx],
+            margin,
+            ref_nll=None if ref_nll is None else [nll[i] for i in idx],
+            ignore=ignore,
+            langs=[lg[i] for i in idx],
+        )
+    return out
+
+
+def heldout_flags(
+    ref_samples: Sequence[GenSample],
+    margin: float = 1.0,
+    *,
+    ref_nll: Sequence[float] | None = None,
+    ignore: float = IGNORE_WORST,
+    langs: Sequence[str | None] | None = None,
+    folds: int = 2,
+) -> list[tuple[bool, list[str]]]:
+    """The detector's verdict on each of the reference's own samples, each judged by thresholds
+    calibrated on the *other* folds (prompts dealt round-robin within each length).
+
+    In-sample, "the reference's worst + margin" cannot flag the reference; held out, the share
+    flagged estimates how often the detector calls a new healthy answer collapsed — an upper
+    bound on its false-positive rate, since a float model's own greedy loops are real positives.
+    """
+    if folds < 2:
+        raise ConfigError(f"held-out calibration needs ≥ 2 folds, got {folds}")
+    nll = list(ref_nll) if ref_nll is not None else [None] * len(ref_samples)
+    lg = list(langs) if langs is not None else [None] * len(ref_samples)
+    metrics = _metrics(ref_samples, nll, lg)
+    fold = [0] * len(ref_samples)
+    for n in {s.max_new_tokens for s in ref_samples}:
+        for j, i in enumerate(i for i, s in enumerate(ref_samples) if s.max_new_tokens == n):
+            fold[i] = j % folds
+    out: list[tuple[bool, list[str]]] = [(False, [])] * len(ref_samples)
+    for f in range(folds):
+        train = [i for i in range(len(ref_samples)) if fold[i] != f]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the calibration folds' own collapses are expected
+            by_len = calibrate_thresholds(
+                [ref_samples[i] for i in train],
+                margin,
+                ref_nll=None if ref_nll is None else [nll[i] for i in train],
+                ignore=ignore,
+                langs=[lg[i] for i in train],
+            )
+        for i in (i for i in range(len(ref_samples)) if fold[i] == f):
+            t = by_len.get(ref_samples[i].max_new_tokens)
+            if t is not None:
+                out[i] = is_collapsed(metrics[i], t)
+    return out
+
+
+def _warn_if_reference_collapses(
+    metrics: list[GenMetrics], thresholds: CollapseThresholds, allowed: int = 0
+) -> None:
     verdicts = [is_collapsed(m, thresholds) for m in metrics]
     bad = [(i, reasons) for i, (hit, reasons) in enumerate(verdicts) if hit]
-    if bad:
+    if len(bad) > allowed:
         listed = "; ".join(f"prompt {i}: {', '.join(r)}" for i, r in bad)
         warnings.warn(
             f"the reference itself collapses on {len(bad)} of {len(metrics)} prompts ({listed}); "
@@ -976,8 +1128,8 @@ def _warn_if_reference_collapses(metrics: list[GenMetrics], thresholds: Collapse
 
 def is_collapsed(metrics: GenMetrics, thresholds: CollapseThresholds) -> tuple[bool, list[str]]:
     """``(collapsed, reasons)``: collapsed when any criterion fires; each reason starts with
-    its family — ``loop``, ``repetition``, ``gibberish``, ``language drift`` or ``early EOS`` — then the value
-    and the threshold it broke."""
+    its family — ``loop``, ``repetition``, ``gibberish``, ``language drift``, ``echo``, ``empty
+    answer`` or ``early EOS`` — then the value and the threshold it broke."""
     m, t = metrics, thresholds
     reasons: list[str] = []
     if m.longest_loop > t.max_loop:
@@ -1005,7 +1157,13 @@ def is_collapsed(metrics: GenMetrics, thresholds: CollapseThresholds) -> tuple[b
             f"language drift: {m.drift:.0%} of the language evidence is not the prompt's "
             f"(> {t.max_drift:.0%})"
         )
-    if early_eos(m.n_new, m.hit_eos, t.min_new_tokens):
+    if m.echo > t.max_echo:
+        reasons.append(
+            f"echo: {m.echo:.0%} of word {ECHO_NGRAM}-grams copied from the prompt (> {t.max_echo:.0%})"
+        )
+    if m.empty:
+        reasons.append(f"empty answer: {m.n_new} tokens, nothing but whitespace")
+    elif early_eos(m.n_new, m.hit_eos, t.min_new_tokens):
         reasons.append(f"early EOS: stopped after {m.n_new} tokens (< {t.min_new_tokens})")
     return bool(reasons), reasons
 
@@ -1019,51 +1177,131 @@ _MEAN_METRICS = (
     ("distinct2", "distinct2", True),
     ("zlib_ratio", "zlib_ratio", False),
     ("longest_loop", "longest_loop", False),
+    ("drift", "drift", False),
+    ("echo", "echo", False),
 )
+
+
+Thresholds = CollapseThresholds | Mapping[int, CollapseThresholds]
+
+
+def thresholds_for(thresholds: Thresholds, sample: GenSample) -> CollapseThresholds:
+    """The thresholds that judge ``sample``: the one set, or the set of its generation length.
+    Thresholds calibrated for another length are refused: zlib, entropy and loops shift with it."""
+    if isinstance(thresholds, CollapseThresholds):
+        t = thresholds
+        if t.max_new_tokens is not None and sample.max_new_tokens != t.max_new_tokens:
+            t = None
+    else:
+        t = thresholds.get(sample.max_new_tokens)
+    if t is None:
+        have = (
+            [thresholds.max_new_tokens] if isinstance(thresholds, CollapseThresholds) else sorted(thresholds)
+        )
+        raise ConfigError(
+            f"collapse thresholds were calibrated on {have}-token continuations but a candidate "
+            f"sample has max_new_tokens {sample.max_new_tokens}; generate reference and candidate "
+            "with the same max_new_tokens"
+        )
+    return t
 
 
 def collapse_records(
     task_label: str,
     cand_samples: Sequence[GenSample],
-    thresholds: CollapseThresholds,
+    thresholds: Thresholds,
     *,
     ref_nll: Sequence[float] | None = None,
     prompt_set: PromptSet | None = None,
 ) -> list[Record]:
-    """Collapse rate and mean metrics over prompts, each with a bootstrap CI over prompts.
+    """Collapse rate and the continuous measures over prompts, each with a bootstrap CI over
+    prompts and its per-prompt scores (so a study pairs them with the reference's: cells that
+    all "collapse" are still ranked by how far their text degenerated).
 
+    ``thresholds``: one set, or one per generation length (:func:`calibrate_thresholds`).
     ``ref_nll`` (the candidate's continuations scored by :func:`reference_nll`) adds the
-    ``ref_nll`` record and the fluency criterion.  Thresholds calibrated for another
-    ``max_new_tokens`` are refused: zlib and entropy shift with length.
+    ``ref_nll`` record and the fluency criterion.  A suite's prompt set gives each prompt's
+    language for the drift measure.
     """
     if not cand_samples:
         raise ConfigError("no generated samples to judge")
-    lengths = {s.max_new_tokens for s in cand_samples}
-    if thresholds.max_new_tokens is not None and lengths != {thresholds.max_new_tokens}:
-        raise ConfigError(
-            f"collapse thresholds were calibrated on {thresholds.max_new_tokens}-token "
-            f"continuations but the candidate's max_new_tokens is {sorted(lengths)}; "
-            "generate reference and candidate with the same max_new_tokens"
-        )
+    judges = [thresholds_for(thresholds, s) for s in cand_samples]
     nll = list(ref_nll) if ref_nll is not None else [None] * len(cand_samples)
     if len(nll) != len(cand_samples):
         raise ShapeError(f"{len(nll)} reference NLLs for {len(cand_samples)} samples")
     if prompt_set is not None and prompt_set.prompts != tuple(s.prompt for s in cand_samples):
         raise ConfigError(f"the samples were not generated from prompt set {prompt_set.describe()}")
-    metrics = [sample_metrics(s, v) for s, v in zip(cand_samples, nll)]
-    verdicts = [is_collapsed(m, thresholds) for m in metrics]
+    metrics = _metrics(cand_samples, nll, prompt_langs(prompt_set))
+    verdicts = [is_collapsed(m, t) for m, t in zip(metrics, judges)]
     details = _details(cand_samples, thresholds, verdicts, prompt_set)
+    ids = ids_sha256([s.prompt for s in cand_samples])
     collapsed = [float(c) for c, _ in verdicts]
-    records = [_mean_record(task_label, "collapse_rate", collapsed, False, details)]
-    units = UnitScores(collapsed, ids_sha256=ids_sha256([s.prompt for s in cand_samples]))
-    records[0].details[UNITS_KEY] = units.to_json()
+    records = [_unit_record(task_label, "collapse_rate", collapsed, False, details, ids)]
     for name, attr, better in _MEAN_METRICS:
         values = [float(getattr(m, attr)) for m in metrics]
-        records.append(_mean_record(task_label, name, values, better, details))
+        records.append(_unit_record(task_label, name, values, better, details, ids))
     scored = [m.ref_nll for m in metrics if m.ref_nll is not None]
     if scored:
-        records.append(_mean_record(task_label, "ref_nll", scored, False, details))
+        rec = _mean_record(task_label, "ref_nll", scored, False, details)
+        if len(scored) == len(metrics):  # an empty answer has no NLL: then no per-prompt pairing
+            rec.details[UNITS_KEY] = UnitScores(scored, ids_sha256=ids).to_json()
+        records.append(rec)
     return records
+
+
+def prompt_langs(prompt_set: PromptSet | None) -> list[str | None] | None:
+    """Each prompt's language when the set says it (a suite), else None (detected per prompt)."""
+    if prompt_set is None or prompt_set.meta is None:
+        return None
+    return [m["lang"] for m in prompt_set.meta]
+
+
+def heldout_record(
+    task_label: str,
+    ref_samples: Sequence[GenSample],
+    *,
+    ref_nll: Sequence[float] | None = None,
+    prompt_set: PromptSet | None = None,
+) -> Record:
+    """``heldout_flag_rate``: the share of the reference's own samples the detector flags when
+    each is judged by thresholds calibrated on the other prompts (:func:`heldout_flags`), with
+    its CI and the reasons — what the detector's false-positive rate is at most."""
+    flags = heldout_flags(ref_samples, ref_nll=ref_nll, langs=prompt_langs(prompt_set))
+    families: dict[str, int] = {}
+    for _, reasons in flags:
+        for family in {r.split(":", 1)[0] for r in reasons}:
+            families[family] = families.get(family, 0) + 1
+    details: dict[str, Any] = {
+        "folds": 2,
+        "ignore_worst": IGNORE_WORST,
+        "flagged_prompts": [i for i, (hit, _) in enumerate(flags) if hit],
+        "reason_counts": dict(sorted(families.items())),
+    }
+    if prompt_set is not None and prompt_set.meta is not None:
+        details["flagged_by_group"] = _by_group(prompt_set, [hit for hit, _ in flags])
+    values = [float(hit) for hit, _ in flags]
+    return _unit_record(
+        task_label, "heldout_flag_rate", values, False, details, ids_sha256([s.prompt for s in ref_samples])
+    )
+
+
+def _unit_record(
+    task: str, metric: str, values: list[float], higher_is_better: bool, details: dict[str, Any], ids: str
+) -> Record:
+    rec = _mean_record(task, metric, values, higher_is_better, details)
+    rec.details[UNITS_KEY] = UnitScores(values, ids_sha256=ids).to_json()
+    return rec
+
+
+def _by_group(prompt_set: PromptSet, hits: Sequence[bool]) -> dict[str, list[int]]:
+    """``"lang/use": [hits, prompts]`` over a suite's prompts."""
+    assert prompt_set.meta is not None
+    groups: dict[str, list[int]] = {}
+    for m, hit in zip(prompt_set.meta, hits):
+        g = groups.setdefault(f"{m['lang']}/{m['use']}", [0, 0])
+        g[0] += int(hit)
+        g[1] += 1
+    return dict(sorted(groups.items()))
 
 
 def _mean_record(
@@ -1075,7 +1313,7 @@ def _mean_record(
 
 def _details(
     samples: Sequence[GenSample],
-    thresholds: CollapseThresholds,
+    thresholds: Thresholds,
     verdicts: list[tuple[bool, list[str]]],
     prompt_set: PromptSet | None,
 ) -> dict[str, Any]:
@@ -1093,14 +1331,11 @@ def _details(
     if prompt_set is not None and prompt_set.meta is not None:
         info["suite_sha256"] = prompt_set.sha256
         info["rendering"] = prompt_set.rendering
-        groups: dict[str, list[int]] = {}
-        for m, (hit, _) in zip(prompt_set.meta, verdicts):
-            g = groups.setdefault(f"{m['lang']}/{m['use']}", [0, 0])
-            g[0] += int(hit)
-            g[1] += 1
-        info["collapsed_by_group"] = dict(sorted(groups.items()))  # "lang/use": [collapsed, prompts]
+        info["collapsed_by_group"] = _by_group(prompt_set, [hit for hit, _ in verdicts])
     return {
-        "thresholds": thresholds.to_dict(),
+        "thresholds": thresholds.to_dict()
+        if isinstance(thresholds, CollapseThresholds)
+        else {str(n): t.to_dict() for n, t in thresholds.items()},
         "max_new_tokens": max(s.max_new_tokens for s in samples),
         "prompts": info,
         "collapsed_prompts": [i for i, (c, _) in enumerate(verdicts) if c],

@@ -343,6 +343,51 @@ def paired_comparisons(mr: ModelResults) -> list[PairedComparison]:
     return out
 
 
+#: Continuous generation measures paired with the reference per prompt (record metric names of
+#: :func:`q2lab.eval.generation.collapse_records`), in the report's column order.
+GEN_MEASURES = ("rep4", "distinct2", "zlib_ratio", "longest_loop", "drift", "echo", "ref_nll")
+#: Generation measures that are already a comparison with the reference (its value is 0 / all
+#: tokens): shown as the cell's mean with its CI over prompts.
+GEN_DIVERGENCES = ("tf_kld", "fr_kld", "agree_tokens")
+
+
+@dataclass(frozen=True)
+class GenMeasures:
+    """A quantized cell's continuous generation measures on one gen task: each paired with the
+    reference's on the same prompts (None where a row lacks per-prompt scores), and its KLDs."""
+
+    cell: Cell
+    task: str
+    collapse_rate: float | None
+    collapse: Comparison | None
+    measures: dict[str, Comparison | None]
+    divergences: dict[str, ResultRow | None]
+
+
+def generation_measures(mr: ModelResults) -> list[GenMeasures]:
+    """Every quantized cell's :data:`GEN_MEASURES` against the reference, per gen task whose rows
+    carry per-prompt scores (records written before those were kept have none: no entry)."""
+    ref = mr.reference
+    if ref is None:
+        return []
+    out = []
+    for task in (t for t in mr.tasks() if task_kind(t) == "gen"):
+        for cell in mr.quantized:
+            measures = {m: _paired(mr, cell, ref, task, m) for m in GEN_MEASURES}
+            if not any(measures.values()):
+                continue
+            divergences = {m: mr.get(cell, task, m) for m in GEN_DIVERGENCES}
+            rate = mr.value(cell, task, "collapse_rate")
+            collapse = _paired(mr, cell, ref, task, "collapse_rate")
+            out.append(GenMeasures(cell, task, rate, collapse, measures, divergences))
+    return out
+
+
+def _paired(mr: ModelResults, cell: Cell, ref: Cell, task: str, metric: str) -> Comparison | None:
+    row, ref_row = mr.get(cell, task, metric), mr.get(ref, task, metric)
+    return compare_rows(row.to_dict(), ref_row.to_dict()) if row and ref_row else None
+
+
 @dataclass(frozen=True)
 class BenchmarkAverage:
     """A cell's unweighted mean over its MC benchmarks, with a stratified-bootstrap CI, and the

@@ -12,10 +12,14 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from q2lab.eval.stats import Comparison
 from q2lab.study.analysis import (
+    GEN_DIVERGENCES,
+    GEN_MEASURES,
     benchmark_averages,
     best_cells,
     frontiers,
+    generation_measures,
     paired_comparisons,
 )
 from q2lab.study.compare import format_comparison
@@ -151,6 +155,45 @@ def paired_table_rows(mr: ModelResults) -> list[list[str]]:
         diff, pv, verdict = format_comparison(p.result, d)
         body.append([p.cell.label, f"{p.task} {p.metric}", f"{p.row.value:.{d}f}", diff, pv, verdict])
     return body
+
+
+def gen_measure_tables(mr: ModelResults) -> dict[str, tuple[list[str], list[list[str]]]]:
+    """Per gen task, (header, rows) of the continuous generation measures: each cell's collapse
+    rate with McNemar's p, every measure's paired Δ vs the reference [95% CI] (``*``: the CI
+    excludes 0), and the teacher-forced / free-running KLDs and agreeing tokens with their CIs."""
+    tables: dict[str, tuple[list[str], list[list[str]]]] = {}
+    for g in generation_measures(mr):
+        header = ["Cell", "collapse (McNemar p)", *(f"Δ {m}" for m in GEN_MEASURES), *GEN_DIVERGENCES]
+        row = [g.cell.label, _collapse_cell(g.collapse_rate, g.collapse)]
+        row += [_delta(g.measures[m]) for m in GEN_MEASURES]
+        row += [_value_ci(g.divergences[m]) for m in GEN_DIVERGENCES]
+        tables.setdefault(g.task, (header, []))[1].append(row)
+    return tables
+
+
+def _collapse_cell(rate: float | None, c: Comparison | None) -> str:
+    if rate is None:
+        return MISSING
+    text = f"{rate:.3f}"
+    if c is not None and c.mcnemar is not None:
+        text += f" (p {c.mcnemar.p_value:.2g}; {c.mcnemar.a_only}/{c.mcnemar.b_only})"
+    return text
+
+
+def _delta(c: Comparison | None) -> str:
+    if c is None:
+        return MISSING
+    p = c.paired
+    d = 3 if max(abs(p.ci_low), abs(p.ci_high)) < 10 else 1
+    star = "*" if p.ci_low > 0 or p.ci_high < 0 else ""
+    return f"{p.diff:+.{d}f} [{p.ci_low:+.{d}f}, {p.ci_high:+.{d}f}]{star}"
+
+
+def _value_ci(row: ResultRow | None) -> str:
+    if row is None or row.value is None:
+        return MISSING
+    d = 3 if abs(row.value) < 10 else 1
+    return f"{row.value:.{d}f} [{row.ci_low:.{d}f}, {row.ci_high:.{d}f}]"
 
 
 def average_table_rows(mr: ModelResults) -> list[list[str]]:

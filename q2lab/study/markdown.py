@@ -24,6 +24,7 @@ from q2lab.study.formatting import (
     fmt_size,
     format_shares,
     frontier_lines,
+    gen_measure_tables,
     how_to_read,
     main_table_rows,
     metric_cells,
@@ -112,6 +113,22 @@ def paired_section(mr: ModelResults) -> list[str]:
             "counts cell-only/reference-only). *within noise*: the CI contains 0 (or McNemar p ≥ 0.05).",
             "",
             md_table(PAIRED_HEADER, body),
+        ]
+    for task, (header, rows) in gen_measure_tables(mr).items():
+        parts += [
+            "",
+            f"### {mr.model}: {task}, continuous measures paired with the reference",
+            "",
+            "Per prompt, cell − reference on the same prompts, mean Δ [paired bootstrap 95% CI] "
+            "(`*`: the CI excludes 0), so cells that all collapse are still ranked. rep4: share of "
+            "repeated 4-grams; distinct2: share of distinct bigrams; zlib_ratio: compression ratio; "
+            "longest_loop: longest repeated span (tokens); drift: share of language evidence not "
+            "in the prompt's language; echo: share of word 6-grams copied from the prompt; ref_nll: "
+            "the reference's NLL of the cell's text (nats/token). tf_kld / fr_kld: KL(reference ‖ "
+            "cell) per token along the reference's / the cell's own generations; agree_tokens: "
+            "greedy tokens shared with the reference before the first departure (mean [95% CI]).",
+            "",
+            md_table(header, rows),
         ]
     avg = average_table_rows(mr)
     if avg:

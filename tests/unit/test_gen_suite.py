@@ -90,7 +90,9 @@ def test_a_plain_prompt_set_needs_a_length(tiny) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:the reference itself collapses")
-def test_samples_resume_from_the_workdir_and_are_shared_across_evaluators(tiny, tmp_path, monkeypatch) -> None:
+def test_samples_resume_from_the_workdir_and_are_shared_across_evaluators(
+    tiny, tmp_path, monkeypatch
+) -> None:
     """A study keeps every generated batch: a second evaluator on the same workdir (another
     process, or the same cell judged again) reuses the reference's and the candidate's samples."""
     from tests.tiny import make_tiny_model
@@ -116,5 +118,7 @@ def test_a_prompt_longer_than_the_context_is_one_clear_error(tiny) -> None:
     from q2lab.eval.multiple_choice import max_context
 
     limit = max_context(tiny)
-    with pytest.raises(DataError, match=rf"prompt 1 is \d+ tokens; with max_new_tokens 4 it exceeds .*{limit}"):
+    with pytest.raises(
+        DataError, match=rf"prompt 1 is \d+ tokens; with max_new_tokens 4 it exceeds .*{limit}"
+    ):
         gen.generate(tiny, ["short", "word " * limit], max_new_tokens=4)

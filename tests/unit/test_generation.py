@@ -221,7 +221,40 @@ def test_early_eos_flagged():
     s = sample("Yes .", hit_eos=True)
     assert families(reasons_of(s)) == {"early EOS"}
     assert reasons_of(sample("Yes .", hit_eos=False)) == []  # cut off, not stopped
-    assert families(reasons_of(sample("", hit_eos=True))) == {"early EOS"}
+    assert families(reasons_of(sample("", hit_eos=True))) == {"empty answer"}  # its own family
+
+
+def test_empty_answer_flagged_even_when_the_reference_stops_at_once():
+    """IFEval's QTIP 2-bit model put its end-of-turn token first on most prompts: an empty
+    answer is a failure whatever the early-EOS threshold, and a blank one too."""
+    permissive = dataclasses.replace(CollapseThresholds(), min_new_tokens=0)
+    assert reasons_of(sample("", hit_eos=True), permissive) == [
+        "empty answer: 0 tokens, nothing but whitespace"
+    ]
+    blank = GenSample("p", "\n\n  \n", (5, 5, 6), True, 3, 64)
+    assert families(reasons_of(blank, permissive)) == {"empty answer"}
+    assert reasons_of(sample("Yes .", hit_eos=True), permissive) == []
+
+
+def test_echoing_the_prompt_flagged():
+    """A model that copies the question or the passage back is collapsed; a summary that keeps a
+    few names and phrases of its passage is not."""
+    passage = PARAGRAPHS[1]
+    prompt = f"Summarize in two sentences: {passage}"
+    echo = sample(passage, prompt=prompt)
+    assert gen.echo_share(prompt, echo.text) == pytest.approx(1.0)
+    assert families(reasons_of(echo)) == {"echo"}
+    summary = sample(
+        "Honeybees use the waggle dance to tell each other the direction and distance of flowers . "
+        "Scientists decoded it in the 1940s .",
+        prompt=prompt,
+    )
+    assert gen.echo_share(prompt, summary.text) < 0.2 and reasons_of(summary) == []
+    assert gen.echo_share(prompt, "the waggle dance") == 0.0  # fewer words than one n-gram
+    # a reference that quotes its passages raises the threshold, within its bounds
+    quoting = [sample(PARAGRAPHS[0][:200], prompt=PARAGRAPHS[0]), *reference_samples()]
+    t = CollapseThresholds.from_reference(quoting)
+    assert t.max_echo == gen.THRESHOLD_BOUNDS["max_echo"].blind
 
 
 # ------------------------------------------------------------------ thresholds
@@ -254,7 +287,7 @@ def test_reference_without_eos_keeps_strict_early_eos():
     one_word = [sample("Yes .", hit_eos=True), *reference_samples()[:3]]
     assert CollapseThresholds.from_reference(one_word).min_new_tokens == 1  # only empty replies flagged
     silent = [sample("", hit_eos=True), *reference_samples()[:3]]
-    with pytest.warns(UserWarning, match="early EOS"):  # the reference itself said nothing
+    with pytest.warns(UserWarning, match="empty answer"):  # the reference itself said nothing
         CollapseThresholds.from_reference(silent)
 
 
@@ -300,6 +333,58 @@ def test_reference_nll_calibration():
         CollapseThresholds.from_reference(ref, ref_nll=[1.0])
 
 
+def test_calibration_leaves_out_the_worst_five_percent_of_a_large_reference():
+    """With 200 prompts one degenerate reference answer must not set the threshold for all: the
+    worst 5 % are left out (none below 20 samples, so small sets keep "worst + margin")."""
+    healthy = [sample(words(PARAGRAPHS[i % 3])[:64], prompt=f"p{i}") for i in range(38)]
+    loops = [sample("he jumped out of the window . " * 9, prompt=f"loop{i}") for i in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 2 of 40 collapsed = the share left out: no warning
+        t = CollapseThresholds.from_reference(healthy + loops)
+    assert "worst 2 left out" in t.source
+    assert t.max_loop == gen.THRESHOLD_BOUNDS["max_loop"].sensitive  # not the loops' blind bound
+    assert is_collapsed(sample_metrics(loops[0]), t)[0]
+    worst_kept = CollapseThresholds.from_reference(healthy + loops, ignore=0.0)
+    assert worst_kept.max_loop == gen.THRESHOLD_BOUNDS["max_loop"].blind
+    assert (
+        CollapseThresholds.from_reference(healthy[:10] + loops[:1], ignore=0.05).max_loop
+        == worst_kept.max_loop
+    )
+    with pytest.raises(ConfigError, match="ignored share"):
+        CollapseThresholds.from_reference(healthy, ignore=0.5)
+    with pytest.warns(UserWarning, match="reference itself collapses on 3 of 41"):
+        CollapseThresholds.from_reference([*healthy, *loops, loops[0]])
+
+
+def test_thresholds_per_generation_length():
+    """Each length is judged against the reference's samples of that length."""
+    short = [sample(words(p)[:40], max_new=48, prompt=f"s{i}") for i, p in enumerate(PARAGRAPHS)]
+    long = [sample(words(p)[:64], prompt=f"l{i}") for i, p in enumerate(PARAGRAPHS)]
+    by_len = gen.calibrate_thresholds(short + long)
+    assert sorted(by_len) == [48, 64]
+    assert by_len[48] == CollapseThresholds.from_reference(short)
+    assert by_len[64] == CollapseThresholds.from_reference(long)
+    recs = collapse_records("gen:x", [long[0], short[1]], by_len)
+    assert set(recs[0].details["thresholds"]) == {"48", "64"} and recs[0].value == 0.0
+    with pytest.raises(ConfigError, match=r"calibrated on \[48, 64\]-token .* max_new_tokens 32"):
+        collapse_records("gen:x", [sample("a b c", max_new=32)], by_len)
+
+
+def test_heldout_flags_estimate_the_false_positive_rate():
+    """Judged by thresholds calibrated on the other prompts, healthy reference answers pass and
+    the reference's own loop is caught (a real positive, so the rate is an upper bound)."""
+    healthy = [sample(words(PARAGRAPHS[i % 3])[i % 5 :][:60], prompt=f"p{i}") for i in range(21)]
+    loop = sample("he jumped out of the window . " * 9, prompt="loop")
+    flags = gen.heldout_flags([*healthy, loop])
+    assert [hit for hit, _ in flags] == [False] * 21 + [True]
+    assert "loop" in families(flags[-1][1])
+    rec = gen.heldout_record("gen:x", [*healthy, loop])
+    assert rec.metric == "heldout_flag_rate" and rec.value == pytest.approx(1 / 22)
+    assert rec.details["flagged_prompts"] == [21] and rec.details["units"]
+    with pytest.raises(ConfigError, match="2 folds"):
+        gen.heldout_flags(healthy, folds=1)
+
+
 def test_thresholds_serialise():
     t = CollapseThresholds.from_reference(reference_samples())
     d = json.loads(json.dumps(t.to_dict()))
@@ -324,7 +409,8 @@ def test_collapse_records():
     cand = [ref[0], sample("the cat sat on the mat . " * 9), ref[1], sample("Yes .", hit_eos=True)]
     records = collapse_records("gen:collapse", cand, t)
     by = {r.metric: r for r in records}
-    assert list(by) == ["collapse_rate", "rep4", "distinct2", "zlib_ratio", "longest_loop"]
+    assert list(by) == ["collapse_rate", "rep4", "distinct2", "zlib_ratio", "longest_loop", "drift", "echo"]
+    assert all(r.details["units"] for r in records)  # every measure pairs with the reference
     assert by["collapse_rate"].value == pytest.approx(0.5)
     assert not by["collapse_rate"].higher_is_better and by["distinct2"].higher_is_better
     assert by["longest_loop"].value == pytest.approx(np.mean([sample_metrics(s).longest_loop for s in cand]))

@@ -8,6 +8,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from q2lab.errors import DataError
@@ -414,3 +415,33 @@ def test_typed_rows_keep_unknown_fields_and_render_like_dicts(rows):
     assert report.render_markdown(typed) == report.render_markdown(rows)
     with pytest.raises(DataError, match="result row 2 lacks metric"):
         parse_rows([rows[0], {"cell": "x", "task": "ppl:w"}])
+
+
+def _float_units(values: list[float]) -> dict[str, Any]:
+    from q2lab.eval.stats import UNITS_KEY, UnitScores
+
+    return {UNITS_KEY: UnitScores(values, ids_sha256="prompts").to_json()}
+
+
+def test_continuous_generation_measures_are_paired_with_the_reference():
+    """Two cells that both collapse on every prompt are still ranked: their rep4 differs from
+    the reference's with a CI that excludes 0, and the table says so next to McNemar's p."""
+    n = 30
+    rows = []
+    for cell, collapsed, rep in (("fp", 0, 0.05), ("gptq-b2", n, 0.6), ("rtn-b2", n, 0.3)):
+        rows.append(
+            row(cell, "gen:chat_suite", "collapse_rate", collapsed / n, details=_collapse_units(collapsed, n))
+        )
+        reps = [rep + 0.01 * (i % 3) for i in range(n)]
+        rows.append(row(cell, "gen:chat_suite", "rep4", float(np.mean(reps)), details=_float_units(reps)))
+        if cell != "fp":
+            rows.append(row(cell, "gen:chat_suite", "tf_kld", 1.5, ci=(1.2, 1.8)))
+    text = report.render_markdown(rows)
+    section = text.split("gen:chat_suite, continuous measures paired with the reference", 1)[1].split(
+        "###", 1
+    )[0]
+    lines = {ln.split(" | ")[0].strip("| "): ln for ln in section.splitlines() if ln.startswith("| ")}
+    assert "1.000 (p 1.9e-09; 30/0)" in lines["GPTQ 2b"]
+    assert "+0.550 [+0.550, +0.550]*" in lines["GPTQ 2b"] and "+0.250 [" in lines["RTN 2b"]
+    assert "1.500 [1.200, 1.800]" in lines["GPTQ 2b"]
+    assert "continuous measures" not in report.render_markdown([r for r in rows if r["metric"] != "rep4"])

@@ -53,6 +53,7 @@ class GenerationKind(TaskKind):
             collapse_records,
             continuation_kld,
             divergence_records,
+            heldout_record,
             reference_nll,
         )
 
@@ -64,6 +65,8 @@ class GenerationKind(TaskKind):
         thresholds = _thresholds(evaluator, task, prompts, samples if is_reference else None)
         ref_nll = reference_nll(reference, samples) if reference is not None else None
         records = collapse_records(task.label, samples, thresholds, ref_nll=ref_nll, prompt_set=prompts)
+        if is_reference:
+            records.append(heldout_record(task.label, samples, ref_nll=ref_nll, prompt_set=prompts))
         if reference is not None and not is_reference:
             ref_samples = evaluator.cache(_REF_SAMPLES)[_key(task, prompts)]
             tf = continuation_kld(reference, candidate, ref_samples)
@@ -155,9 +158,10 @@ def _key(task: TaskSpec, prompts) -> str:
 
 
 def _thresholds(evaluator: Evaluator, task: TaskSpec, prompts, own_samples: Any):
-    """Collapse thresholds of (task, prompts), calibrated once per evaluator on the reference's
-    generations (``own_samples`` when the candidate is the reference), defaults without one."""
-    from q2lab.eval.generation import CollapseThresholds, reference_nll
+    """Collapse thresholds of (task, prompts), one set per generation length, calibrated once
+    per evaluator on the reference's generations (``own_samples`` when the candidate is the
+    reference); defaults without a reference."""
+    from q2lab.eval.generation import CollapseThresholds, calibrate_thresholds, prompt_langs, reference_nll
 
     key = _key(task, prompts)
     cache = evaluator.cache(_THRESHOLDS)
@@ -169,7 +173,7 @@ def _thresholds(evaluator: Evaluator, task: TaskSpec, prompts, own_samples: Any)
             resume = evaluator.resume_file(reference, task, "gen", who=_REFERENCE)
             ref_samples = own_samples or _generate(reference, prompts, task, resume)
             evaluator.cache(_REF_SAMPLES)[key] = ref_samples
-            cache[key] = CollapseThresholds.from_reference(
-                ref_samples, ref_nll=reference_nll(reference, ref_samples)
+            cache[key] = calibrate_thresholds(
+                ref_samples, ref_nll=reference_nll(reference, ref_samples), langs=prompt_langs(prompts)
             )
     return cache[key]
