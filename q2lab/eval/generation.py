@@ -900,7 +900,9 @@ THRESHOLD_BOUNDS: dict[str, _Bound] = {
     "min_new_tokens": _Bound("min", 8, sensitive=8, blind=1),  # tokens before EOS
     "max_ref_nll": _Bound("max", 3.0, sensitive=5.0, blind=8.0),  # nats per token
     "max_drift": _Bound("max", 0.25, sensitive=0.4, blind=0.7),  # share of other-language evidence
-    "max_echo": _Bound("max", 0.2, sensitive=0.5, blind=0.8),  # share of word 6-grams from the prompt
+    # share of word 6-grams from the prompt; MT-Bench's "rewrite this paragraph" requests make an
+    # honest answer copy much of its prompt, so only a near-verbatim echo is blind-bound collapse
+    "max_echo": _Bound("max", 0.2, sensitive=0.5, blind=0.9),
 }
 
 #: Share of the reference's least healthy samples left out when calibrating each threshold.
@@ -959,8 +961,8 @@ class CollapseThresholds:
 
         Each threshold is the reference's value after leaving out its ``ignore`` share of least
         healthy samples (:data:`IGNORE_WORST`; the worst value below 20 samples) plus ``margin``
-        times the metric's margin in :data:`THRESHOLD_BOUNDS`, clipped to its bounds.
-        ``ref_nll`` is :func:`reference_nll` of the reference's own samples; without it
+        times the metric's margin in :data:`THRESHOLD_BOUNDS`, clipped to its bounds (early EOS
+        keeps the shortest answer: a short reply is an answer, not an outlier).  ``ref_nll`` is :func:`reference_nll` of the reference's own samples; without it
         ``max_ref_nll`` keeps its default; ``langs`` are the prompts' languages (drift).  Warns
         when the reference itself breaks the thresholds on more samples than ``ignore`` left
         out, since those prompts cannot discriminate.
@@ -1032,8 +1034,9 @@ def _calibration_values(metrics: list[GenMetrics], ignore: float) -> dict[str, f
         "max_zlib": high([m.zlib_ratio for m in metrics]),
         "min_entropy_ratio": low(low_h),
         "max_entropy_ratio": high(high_h),
-        # a reference that never stops early counts as stopping at its full length
-        "min_new_tokens": low(stopped) if stopped else min(m.n_new for m in metrics),
+        # the reference's shortest answer is an answer, not a degenerate outlier: nothing left
+        # out; a reference that never stops early counts as stopping at its full length
+        "min_new_tokens": min(stopped) if stopped else min(m.n_new for m in metrics),
         "max_ref_nll": high([v for v in nll if v is not None]),
         "max_drift": high([m.drift for m in metrics]),
         "max_echo": high([m.echo for m in metrics]),
