@@ -962,8 +962,9 @@ class CollapseThresholds:
         Each threshold is the reference's value after leaving out its ``ignore`` share of least
         healthy samples (:data:`IGNORE_WORST`; the worst value below 20 samples) plus ``margin``
         times the metric's margin in :data:`THRESHOLD_BOUNDS`, clipped to its bounds (early EOS
-        keeps the shortest answer: a short reply is an answer, not an outlier).  ``ref_nll`` is :func:`reference_nll` of the reference's own samples; without it
-        ``max_ref_nll`` keeps its default; ``langs`` are the prompts' languages (drift).  Warns
+        keeps the shortest answer: a short reply is an answer, not an outlier).  ``ref_nll`` is
+        :func:`reference_nll` of the reference's own samples; without it ``max_ref_nll`` keeps
+        its default; ``langs`` are the prompts' languages (drift).  Warns
         when the reference itself breaks the thresholds on more samples than ``ignore`` left
         out, since those prompts cannot discriminate.
         """
