@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 GEN_ALIASES = {"collapse": "default"}
 _THRESHOLDS = "gen.thresholds"  # Evaluator.cache: collapse thresholds per (task key, prompts)
 _REF_SAMPLES = "gen.reference_samples"  # Evaluator.cache: the reference's generations, same key
+_REF_NLL = "gen.reference_nll"  # Evaluator.cache: the reference's NLL of its own generations
 _REFERENCE = "reference"  # names the reference's resume file, whichever cell generates its samples
 
 
@@ -63,7 +64,10 @@ class GenerationKind(TaskKind):
         who = _REFERENCE if is_reference else None
         samples = _generate(candidate, prompts, task, evaluator.resume_file(candidate, task, "gen", who=who))
         thresholds = _thresholds(evaluator, task, prompts, samples if is_reference else None)
-        ref_nll = reference_nll(reference, samples) if reference is not None else None
+        if is_reference:  # scored once already, to calibrate the thresholds
+            ref_nll = evaluator.cache(_REF_NLL).get(_key(task, prompts))
+        else:
+            ref_nll = reference_nll(reference, samples) if reference is not None else None
         records = collapse_records(task.label, samples, thresholds, ref_nll=ref_nll, prompt_set=prompts)
         if is_reference:
             records.append(heldout_record(task.label, samples, ref_nll=ref_nll, prompt_set=prompts))
@@ -173,7 +177,6 @@ def _thresholds(evaluator: Evaluator, task: TaskSpec, prompts, own_samples: Any)
             resume = evaluator.resume_file(reference, task, "gen", who=_REFERENCE)
             ref_samples = own_samples or _generate(reference, prompts, task, resume)
             evaluator.cache(_REF_SAMPLES)[key] = ref_samples
-            cache[key] = calibrate_thresholds(
-                ref_samples, ref_nll=reference_nll(reference, ref_samples), langs=prompt_langs(prompts)
-            )
+            nll = evaluator.cache(_REF_NLL)[key] = reference_nll(reference, ref_samples)
+            cache[key] = calibrate_thresholds(ref_samples, ref_nll=nll, langs=prompt_langs(prompts))
     return cache[key]
