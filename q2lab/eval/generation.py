@@ -1271,15 +1271,11 @@ def heldout_record(
     each is judged by thresholds calibrated on the other prompts (:func:`heldout_flags`), with
     its CI and the reasons — what the detector's false-positive rate is at most."""
     flags = heldout_flags(ref_samples, ref_nll=ref_nll, langs=prompt_langs(prompt_set))
-    families: dict[str, int] = {}
-    for _, reasons in flags:
-        for family in {r.split(":", 1)[0] for r in reasons}:
-            families[family] = families.get(family, 0) + 1
     details: dict[str, Any] = {
         "folds": 2,
         "ignore_worst": IGNORE_WORST,
         "flagged_prompts": [i for i, (hit, _) in enumerate(flags) if hit],
-        "reason_counts": dict(sorted(families.items())),
+        "reason_counts": reason_counts(flags),
     }
     if prompt_set is not None and prompt_set.meta is not None:
         details["flagged_by_group"] = _by_group(prompt_set, [hit for hit, _ in flags])
@@ -1287,6 +1283,15 @@ def heldout_record(
     return _unit_record(
         task_label, "heldout_flag_rate", values, False, details, ids_sha256([s.prompt for s in ref_samples])
     )
+
+
+def reason_counts(verdicts: Sequence[tuple[bool, list[str]]]) -> dict[str, int]:
+    """How many samples each failure family (the reason's text before ``:``) fired on."""
+    families: dict[str, int] = {}
+    for _, reasons in verdicts:
+        for family in {r.split(":", 1)[0] for r in reasons}:
+            families[family] = families.get(family, 0) + 1
+    return dict(sorted(families.items()))
 
 
 def _unit_record(
@@ -1327,10 +1332,6 @@ def _details(
         name = prompt_set.name
     else:
         name = "default" if sha == prompts_sha256(DEFAULT_PROMPTS) else "custom"
-    families: dict[str, int] = {}
-    for _, reasons in verdicts:
-        for family in {r.split(":", 1)[0] for r in reasons}:
-            families[family] = families.get(family, 0) + 1
     info: dict[str, Any] = {"name": name, "n": len(prompts), "sha256": sha}
     if prompt_set is not None and prompt_set.meta is not None:
         info["suite_sha256"] = prompt_set.sha256
@@ -1343,7 +1344,7 @@ def _details(
         "max_new_tokens": max(s.max_new_tokens for s in samples),
         "prompts": info,
         "collapsed_prompts": [i for i, (c, _) in enumerate(verdicts) if c],
-        "reason_counts": dict(sorted(families.items())),
+        "reason_counts": reason_counts(verdicts),
         "examples": [
             {
                 "prompt": s.prompt[-80:],

@@ -104,3 +104,32 @@ def format_comparison(c: Comparison, decimals: int = 3) -> tuple[str, str, str]:
     if c.mcnemar is not None:
         pv += f"; McNemar {c.mcnemar.p_value:.3f} ({c.mcnemar.a_only}/{c.mcnemar.b_only})"
     return diff, pv, c.verdict
+
+
+def pairwise_table(
+    by: dict[tuple[str, str, str, str], dict[str, Any]],
+    model: str,
+    pairs: list[tuple[str, str]],
+    metrics: list[tuple[str, str]],
+    *,
+    metrics_outer: bool = True,
+) -> list[str]:
+    """Markdown lines comparing each (a, b) cell pair on each (task, metric) with
+    :func:`compare_rows`; ``by`` maps (model, cell, task, metric) to a results row.  Pairs or
+    metrics without per-unit scores are left out.  ``metrics_outer``: group by metric, else by
+    pair."""
+    lines = ["| a | b | metric | a − b [95 % CI] | p | verdict |", "|---|---|---|---|---|---|"]
+    combos = (
+        [(pair, m) for m in metrics for pair in pairs]
+        if metrics_outer
+        else [(pair, m) for pair in pairs for m in metrics]
+    )
+    for (a, b), (task, metric) in combos:
+        ra, rb = by.get((model, a, task, metric)), by.get((model, b, task, metric))
+        cmp = compare_rows(ra, rb) if ra and rb else None
+        if cmp is None:
+            continue
+        diff, pv, verdict = format_comparison(cmp)
+        name_a, name_b = (f"{r['label']} ({r['bpw']:.3f} bpw)" for r in (ra, rb))  # type: ignore[index]
+        lines.append(f"| {name_a} | {name_b} | {metric} | {diff} | {pv} | {verdict} |")
+    return lines

@@ -14,7 +14,7 @@ import sys
 from itertools import combinations
 
 from q2lab.study.analysis import GEN_DIVERGENCES, GEN_MEASURES
-from q2lab.study.compare import compare_rows, format_comparison
+from q2lab.study.compare import pairwise_table
 from q2lab.study.report import load_results
 
 TASK = "gen:chat_suite"
@@ -29,16 +29,10 @@ def main(path: str) -> None:
     for model in sorted({k[0] for k in by}):
         cells = sorted({k[1] for k in by if k[0] == model and not k[1].endswith("/fp")})
         print(f"## {model}, {TASK}\n")
-        print("| a | b | metric | a − b [95 % CI] | p | verdict |\n|---|---|---|---|---|---|")
-        for a, b in combinations(cells, 2):
-            for metric in METRICS:
-                ra, rb = by.get((model, a, TASK, metric)), by.get((model, b, TASK, metric))
-                cmp = compare_rows(ra, rb) if ra and rb else None
-                if cmp is None:
-                    continue
-                diff, pv, verdict = format_comparison(cmp)
-                name_a, name_b = (f"{r['label']} ({r['bpw']:.3f} bpw)" for r in (ra, rb))
-                print(f"| {name_a} | {name_b} | {metric} | {diff} | {pv} | {verdict} |")
+        metrics = [(TASK, m) for m in METRICS]
+        print(
+            "\n".join(pairwise_table(by, model, list(combinations(cells, 2)), metrics, metrics_outer=False))
+        )
         print()
 
 

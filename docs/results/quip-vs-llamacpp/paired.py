@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 from itertools import combinations
 
-from q2lab.study.compare import compare_rows, format_comparison
+from q2lab.study.compare import pairwise_table
 from q2lab.study.report import load_results
 
 PAIRS_OF = ("qtip", "quip#", "gptq", "iq2_xxs", "q2_k")
@@ -45,16 +45,7 @@ def main(path: str, prefixes: tuple[str, ...] = ()) -> None:
             key=lambda c: next(i for i, m in enumerate(pairs_of) if c.split("/", 1)[1].startswith(m))
         )
         print(f"## {model}\n")
-        print("| a | b | metric | a − b [95 % CI] | p | verdict |\n|---|---|---|---|---|---|")
-        for task, metric in METRICS:
-            for a, b in combinations(two_bit, 2):
-                ra, rb = by.get((model, a, task, metric)), by.get((model, b, task, metric))
-                cmp = compare_rows(ra, rb) if ra and rb else None
-                if cmp is None:
-                    continue
-                diff, pv, verdict = format_comparison(cmp)
-                name_a, name_b = (f"{r['label']} ({r['bpw']:.3f} bpw)" for r in (ra, rb))
-                print(f"| {name_a} | {name_b} | {metric} | {diff} | {pv} | {verdict} |")
+        print("\n".join(pairwise_table(by, model, list(combinations(two_bit, 2)), list(METRICS))))
         print()
 
 
