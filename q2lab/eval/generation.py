@@ -749,26 +749,69 @@ def reference_nll(reference, samples: Sequence[GenSample], batch_size: int = 8) 
     8–14 nats per token where prose costs about 3.5 and the reference's own greedy text about 1.
     The candidate must share the reference's tokenizer (a quantized copy does).
     """
+    return continuation_scores(reference, None, samples, batch_size)[0]
+
+
+@torch.no_grad()
+def continuation_kld(reference, candidate, samples: Sequence[GenSample], batch_size: int = 8) -> list[float]:
+    """Mean KL(reference ‖ candidate) per token along each continuation, both models reading
+    the same prompt + continuation (teacher forcing); NaN for an empty continuation.
+
+    Along the *reference's* own generations this is the log-likelihood view of generation
+    quality (how far the candidate's next-token distributions move on text the float model
+    writes); along the *candidate's* generations it measures the two models on the text
+    free-running decoding produced.  The second is not simply larger for a broken model: once
+    a candidate is inside a loop, the float model also expects the loop to go on, so they agree
+    more there (SmolLM2-135M, GPTQ 2-bit g128, default prompts: tf_kld 4.3, fr_kld 1.5 nats,
+    every sample collapsed).  Read them with ``agree_tokens`` and the collapse verdict.
+    """
+    return continuation_scores(reference, candidate, samples, batch_size)[1]
+
+
+@torch.no_grad()
+def continuation_scores(
+    reference, candidate, samples: Sequence[GenSample], batch_size: int = 8
+) -> tuple[list[float], list[float]]:
+    """``(reference NLL, KL(reference ‖ candidate))`` per continuation from one reference pass
+    (the KLs are NaN without a ``candidate``): scoring the candidate's text and comparing the
+    two models along it share the reference's forward, which costs as much as generating.
+    Continuations are scored in chunks of similar length (less padding), results in order."""
     vocab = getattr(reference.model.config, "vocab_size", None)
-    out: list[float] = []
-    for s in range(0, len(samples), batch_size):
-        chunk = samples[s : s + batch_size]
-        if vocab is not None and any(t >= vocab for smp in chunk for t in smp.token_ids):
-            raise ShapeError(
-                f"continuation token ids exceed the reference vocabulary ({vocab}); "
-                "candidate and reference must share a tokenizer"
-            )
-        out.extend(_chunk_nll(reference, chunk))
-    return out
+    if vocab is not None and any(t >= vocab for smp in samples for t in smp.token_ids):
+        raise ShapeError(
+            f"continuation token ids exceed the reference vocabulary ({vocab}); "
+            "candidate and reference must share a tokenizer"
+        )
+    from q2lab.eval.likelihood import kl_per_token
+
+    nll = [math.nan] * len(samples)
+    kld = [math.nan] * len(samples)
+    for idx in _length_chunks(reference, samples, batch_size):
+        chunk = [samples[i] for i in idx]
+        k = max(smp.n_new for smp in chunk)
+        if k == 0:
+            continue
+        ref_lp, ids = _continuation_logprobs(reference, chunk, k)
+        tok_nll = -ref_lp.gather(-1, ids[:, -k:, None]).squeeze(-1)
+        kl = (
+            kl_per_token(ref_lp, _continuation_logprobs(candidate, chunk, k)[0])
+            if candidate is not None
+            else None
+        )
+        for row, (i, smp) in enumerate(zip(idx, chunk)):
+            if smp.n_new:
+                nll[i] = float(tok_nll[row, k - smp.n_new :].mean())
+                if kl is not None:
+                    kld[i] = float(kl[row, k - smp.n_new :].mean())
+    return nll, kld
 
 
-def _chunk_nll(reference, chunk: Sequence[GenSample]) -> list[float]:
-    k = max(smp.n_new for smp in chunk)
-    if k == 0:
-        return [math.nan] * len(chunk)
-    logp, ids = _continuation_logprobs(reference, chunk, k)
-    nll = -logp.gather(-1, ids[:, -k:, None]).squeeze(-1)
-    return [float(nll[i, k - smp.n_new :].mean()) if smp.n_new else math.nan for i, smp in enumerate(chunk)]
+def _length_chunks(loaded, samples: Sequence[GenSample], batch_size: int) -> list[list[int]]:
+    """Sample indices in chunks of ``batch_size``, ordered by prompt + continuation length, so
+    a chunk pads little (a suite mixes 20-token requests with 400-token passages)."""
+    sizes = [len(encode_prompt(loaded, s.prompt)) + s.n_new for s in samples]
+    order = sorted(range(len(samples)), key=lambda i: sizes[i])
+    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
 
 
 def _continuation_logprobs(loaded, chunk: Sequence[GenSample], k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -787,37 +830,6 @@ def _continuation_logprobs(loaded, chunk: Sequence[GenSample], k: int) -> tuple[
         logits_to_keep=k + 1,
     ).logits
     return torch.log_softmax(logits[:, :-1].float(), dim=-1).cpu(), ids
-
-
-@torch.no_grad()
-def continuation_kld(reference, candidate, samples: Sequence[GenSample], batch_size: int = 8) -> list[float]:
-    """Mean KL(reference ‖ candidate) per token along each continuation, both models reading
-    the same prompt + continuation (teacher forcing); NaN for an empty continuation.
-
-    Along the *reference's* own generations this is the log-likelihood view of generation
-    quality (how far the candidate's next-token distributions move on text the float model
-    writes); along the *candidate's* generations it measures the two models on the text
-    free-running decoding produced.  The second is not simply larger for a broken model: once
-    a candidate is inside a loop, the float model also expects the loop to go on, so they agree
-    more there (SmolLM2-135M, GPTQ 2-bit g128, default prompts: tf_kld 4.3, fr_kld 1.5 nats,
-    every sample collapsed).  Read them with ``agree_tokens`` and the collapse verdict.
-    """
-    from q2lab.eval.likelihood import kl_per_token
-
-    out: list[float] = []
-    for s in range(0, len(samples), batch_size):
-        chunk = samples[s : s + batch_size]
-        k = max(smp.n_new for smp in chunk)
-        if k == 0:
-            out.extend([math.nan] * len(chunk))
-            continue
-        ref_lp, _ = _continuation_logprobs(reference, chunk, k)
-        cand_lp, _ = _continuation_logprobs(candidate, chunk, k)
-        kl = kl_per_token(ref_lp, cand_lp)
-        out.extend(
-            float(kl[i, k - smp.n_new :].mean()) if smp.n_new else math.nan for i, smp in enumerate(chunk)
-        )
-    return out
 
 
 def agreeing_prefix(ref: GenSample, cand: GenSample) -> int:

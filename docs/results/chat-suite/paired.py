@@ -13,8 +13,9 @@ from __future__ import annotations
 import sys
 from itertools import combinations
 
+from q2lab.eval.stats import UnitScores, compare, units_of
 from q2lab.study.analysis import GEN_DIVERGENCES, GEN_MEASURES
-from q2lab.study.compare import pairwise_table
+from q2lab.study.compare import format_comparison, pairwise_table
 from q2lab.study.report import load_results
 
 TASK = "gen:chat_suite"
@@ -34,6 +35,37 @@ def main(path: str) -> None:
             "\n".join(pairwise_table(by, model, list(combinations(cells, 2)), metrics, metrics_outer=False))
         )
         print()
+        by_language(by, model)
+
+
+def by_language(by: dict, model: str) -> None:
+    """Each cell against the float model on each language's prompts alone (the suite is rebuilt
+    from $Q2LAB_DATA for the prompts' languages, and must hash as the records say)."""
+    from q2lab.eval.generation import load_prompts
+
+    ref = by.get((model, f"{model}/fp", TASK, "collapse_rate"))
+    if ref is None:
+        return
+    suite = load_prompts("chat_suite")
+    if ref["details"]["prompts"]["suite_sha256"] != suite.sha256:
+        raise SystemExit("the records were not generated from this chat suite")
+    langs = [m["lang"] for m in suite.meta]
+    print(f"## {model}, {TASK}: collapse against the float model, per language\n")
+    print("| cell | language | prompts | collapsed (float) | cell − float [95 % CI] | p | verdict |")
+    print("|---|---|---:|---|---|---|---|")
+    cells = sorted({k[1] for k in by if k[0] == model and k[2] == TASK and not k[1].endswith("/fp")})
+    for cell in cells:
+        row = by.get((model, cell, TASK, "collapse_rate"))
+        if row is None:
+            continue
+        a, b = units_of(row).sums, units_of(ref).sums
+        for lang in sorted(set(langs)):
+            idx = [i for i, g in enumerate(langs) if g == lang]
+            sub_a, sub_b = UnitScores(a[idx]), UnitScores(b[idx])
+            diff, pv, verdict = format_comparison(compare(sub_a, sub_b, False))
+            counts = f"{int(sub_a.sums.sum())} ({int(sub_b.sums.sum())})"
+            print(f"| {row['label']} | {lang} | {len(idx)} | {counts} | {diff} | {pv} | {verdict} |")
+    print()
 
 
 if __name__ == "__main__":

@@ -53,9 +53,9 @@ class GenerationKind(TaskKind):
         from q2lab.eval.generation import (
             collapse_records,
             continuation_kld,
+            continuation_scores,
             divergence_records,
             heldout_record,
-            reference_nll,
         )
 
         (task,) = tasks
@@ -64,17 +64,19 @@ class GenerationKind(TaskKind):
         who = _REFERENCE if is_reference else None
         samples = _generate(candidate, prompts, task, evaluator.resume_file(candidate, task, "gen", who=who))
         thresholds = _thresholds(evaluator, task, prompts, samples if is_reference else None)
+        fr = None
         if is_reference:  # scored once already, to calibrate the thresholds
             ref_nll = evaluator.cache(_REF_NLL).get(_key(task, prompts))
+        elif reference is not None:  # one reference pass: its NLL of the text and fr_kld
+            ref_nll, fr = continuation_scores(reference, candidate, samples)
         else:
-            ref_nll = reference_nll(reference, samples) if reference is not None else None
+            ref_nll = None
         records = collapse_records(task.label, samples, thresholds, ref_nll=ref_nll, prompt_set=prompts)
         if is_reference:
             records.append(heldout_record(task.label, samples, ref_nll=ref_nll, prompt_set=prompts))
-        if reference is not None and not is_reference:
+        if fr is not None:
             ref_samples = evaluator.cache(_REF_SAMPLES)[_key(task, prompts)]
             tf = continuation_kld(reference, candidate, ref_samples)
-            fr = continuation_kld(reference, candidate, samples)
             records += divergence_records(
                 task.label, ref_samples, samples, tf, fr, greedy=task.temperature is None
             )
