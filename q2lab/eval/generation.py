@@ -786,7 +786,9 @@ def continuation_scores(
 
     nll = [math.nan] * len(samples)
     kld = [math.nan] * len(samples)
-    for idx in _length_chunks(reference, samples, batch_size):
+    chunks = _length_chunks(reference, samples, batch_size)
+    what = "score (reference)" if candidate is None else "score (reference + candidate)"
+    for idx in progress(chunks, what, total=len(chunks), unit="batch"):
         chunk = [samples[i] for i in idx]
         k = max(smp.n_new for smp in chunk)
         if k == 0:
