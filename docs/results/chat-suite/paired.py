@@ -1,9 +1,10 @@
 """Paired comparisons between the quantized cells of the chat-suite study on the same prompts.
 
-The study report compares every cell with the float reference; issue 14's acceptance also asks
-whether the continuous measures separate two cells that both collapse (QTIP 2-bit vs GPTQ
-2-bit), so this prints the paired bootstrap of each pair's difference on every generation
-measure, with q2lab.study.compare.compare_rows (the report's own machinery).
+Every quantized cell against the float model on every generation measure (the report shows the
+same), the quantized cells against each other (do the continuous measures separate two cells
+that both collapse, e.g. QTIP 2-bit vs GPTQ 2-bit?), and collapse against the float model on
+each language's prompts alone — paired bootstrap and McNemar's exact test, with
+q2lab.study.compare.compare_rows (the report's own machinery).
 
     python docs/results/chat-suite/paired.py docs/results/chat-suite/results.jsonl
 """
@@ -29,11 +30,14 @@ def main(path: str) -> None:
     by = {(r["model"], r["cell"], r["task"], r["metric"]): r for r in rows if "cell" in r}
     for model in sorted({k[0] for k in by}):
         cells = sorted({k[1] for k in by if k[0] == model and not k[1].endswith("/fp")})
-        print(f"## {model}, {TASK}\n")
         metrics = [(TASK, m) for m in METRICS]
-        print(
-            "\n".join(pairwise_table(by, model, list(combinations(cells, 2)), metrics, metrics_outer=False))
-        )
+        print(f"## {model}, {TASK}: each cell against the float model\n")
+        vs_float = [(c, f"{model}/fp") for c in cells]
+        print("\n".join(pairwise_table(by, model, vs_float, metrics, metrics_outer=False)))
+        print()
+        print(f"## {model}, {TASK}: quantized cells against each other\n")
+        pairs = list(combinations(cells, 2))
+        print("\n".join(pairwise_table(by, model, pairs, metrics, metrics_outer=False)))
         print()
         by_language(by, model)
 
