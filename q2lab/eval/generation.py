@@ -786,17 +786,20 @@ def continuation_scores(
 
     nll = [math.nan] * len(samples)
     kld = [math.nan] * len(samples)
-    chunks = _length_chunks(reference, samples, batch_size)
+    # prompt + continuation ids, encoded once for both models (they share a tokenizer)
+    full = [encode_prompt(reference, s.prompt) + list(s.token_ids) for s in samples]
+    chunks = _length_chunks(full, batch_size)
     what = "score (reference)" if candidate is None else "score (reference + candidate)"
     for idx in progress(chunks, what, total=len(chunks), unit="batch"):
         chunk = [samples[i] for i in idx]
         k = max(smp.n_new for smp in chunk)
         if k == 0:
             continue
-        ref_lp, ids = _continuation_logprobs(reference, chunk, k)
+        seqs = [full[i] for i in idx]
+        ref_lp, ids = _continuation_logprobs(reference, seqs, k)
         tok_nll = -ref_lp.gather(-1, ids[:, -k:, None]).squeeze(-1)
         kl = (
-            kl_per_token(ref_lp, _continuation_logprobs(candidate, chunk, k)[0])
+            kl_per_token(ref_lp, _continuation_logprobs(candidate, seqs, k)[0])
             if candidate is not None
             else None
         )
@@ -808,21 +811,19 @@ def continuation_scores(
     return nll, kld
 
 
-def _length_chunks(loaded, samples: Sequence[GenSample], batch_size: int) -> list[list[int]]:
-    """Sample indices in chunks of ``batch_size``, ordered by prompt + continuation length, so
-    a chunk pads little (a suite mixes 20-token requests with 400-token passages)."""
-    sizes = [len(encode_prompt(loaded, s.prompt)) + s.n_new for s in samples]
-    order = sorted(range(len(samples)), key=lambda i: sizes[i])
+def _length_chunks(seqs: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
+    """Sequence indices in chunks of ``batch_size``, ordered by length, so a chunk pads little
+    (a suite mixes 20-token requests with 400-token passages)."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
 
 
-def _continuation_logprobs(loaded, chunk: Sequence[GenSample], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _continuation_logprobs(loaded, seqs: Sequence[list[int]], k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(log-probs (B, k, V), ids)`` of the predictions of the last ``k`` tokens of each
-    prompt + continuation.  Left-padded, so every continuation ends in the last column and the
-    last ``k + 1`` logits cover the longest continuation's ``k`` predictions."""
+    prompt + continuation id sequence.  Left-padded, so every continuation ends in the last
+    column and the last ``k + 1`` logits cover the longest continuation's ``k`` predictions."""
     device = next(loaded.model.parameters()).device
-    full = [encode_prompt(loaded, smp.prompt) + list(smp.token_ids) for smp in chunk]
-    ids, mask = _left_pad(full, 0)
+    ids, mask = _left_pad(list(seqs), 0)
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
     logits = loaded.model(
         input_ids=ids.to(device),
