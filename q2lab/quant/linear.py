@@ -63,3 +63,35 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         bpw = sum(self.bit_counts.values()) / (self.out_features * self.in_features)
         return f"{self.in_features} → {self.out_features}, method={self.method}, bpw={bpw:.4f}"
+
+
+class RowDecodeLinear(QuantLinear):
+    """A layer whose codes decode a band of output rows at a time (vector codebooks, Hadamard-
+    basis codes).  With ``cache_weight`` it is a plain :class:`QuantLinear`; without, each call
+    multiplies by ``chunk_rows`` decoded rows at a time, so the float matrix is never held."""
+
+    chunk_rows = 256  # output rows decoded per step when not caching (peak extra memory)
+
+    def decode_rows(self, r0: int, r1: int) -> torch.Tensor:
+        """Rows ``r0:r1`` of the matrix the layer multiplies by (float32); ``r0`` is a multiple of
+        :meth:`row_step`."""
+        raise NotImplementedError
+
+    def row_step(self) -> int:
+        """Chunk boundaries must be multiples of this (e.g. a trellis tile's rows)."""
+        return 1
+
+    def chunked_product(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ Mᵀ`` for the decoded matrix M, band by band (float32)."""
+        unit = self.row_step()
+        step = max(unit, self.chunk_rows // unit * unit)
+        m = self.out_features
+        return torch.cat(
+            [F.linear(x, self.decode_rows(r, min(r + step, m))) for r in range(0, m, step)], dim=-1
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cache_weight:
+            return super().forward(x)
+        y = self.chunked_product(x.float()).to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)

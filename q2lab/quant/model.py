@@ -38,6 +38,12 @@ class LayerReport:
     seconds: float
     proxy_rel: float | None  # tr(E H Eᵀ) / tr(W H Wᵀ): relative output error on calibration inputs
     format: str = ""  # storage format: the GGML type of llama.cpp methods, else method and bits
+    codebook_bits: int = 0  # of ``bits``: per-layer codebooks (VPTQ, AQLM, QTIP's HYB table)
+
+
+def codebook_bits(qt: QuantizedTensor) -> int:
+    """Bits of a tensor's stored per-layer codebooks (components named ``codebook*``/``lut``)."""
+    return sum(v for k, v in qt.bit_counts.items() if k.startswith("codebook") or k == "lut")
 
 
 def storage_format(qt: QuantizedTensor) -> str:
@@ -72,6 +78,12 @@ class QuantReport:
         """Exact bits per weight over the quantized linears."""
         return self.bits / max(self.quantized_params, 1)
 
+    @property
+    def bpw_no_codebooks(self) -> float:
+        """Bits per weight without per-layer codebooks: what the codes, scales and signs cost,
+        i.e. the bpw the same codebooks would cost on a model with far larger layers."""
+        return (self.bits - sum(lr.codebook_bits for lr in self.layers)) / max(self.quantized_params, 1)
+
     def formats(self) -> dict[str, float]:
         """Share of the quantized weights in each storage format, largest first: a "Q2_K" file
         on 576-wide rows is mostly Q4_0, and this is where a report shows it."""
@@ -95,6 +107,8 @@ class QuantReport:
             "proxy_rel_mean": _mean([lr.proxy_rel for lr in self.layers]),
             "formats": self.formats(),
         }
+        if any(lr.codebook_bits for lr in self.layers):
+            d["bpw_no_codebooks"] = self.bpw_no_codebooks
         if self.finetune is not None:
             d["finetune"] = self.finetune
         if per_layer:
@@ -207,7 +221,7 @@ def _recount(model: nn.Module, report: QuantReport) -> None:
     """Layer bits after fine-tuning (tuned gains are stored and counted)."""
     for lr in report.layers:
         qt = model.get_submodule(lr.name).qtensor
-        lr.bits, lr.bpw = qt.bits(), qt.bpw()
+        lr.bits, lr.bpw, lr.codebook_bits = qt.bits(), qt.bpw(), codebook_bits(qt)
 
 
 def _input_groups(
@@ -257,5 +271,7 @@ def _quantize_group(model, layout, b, names, linears, quantizer, cfg, store, rep
         # only packed codes, so peak memory stays near one float model.
         model.set_submodule(full, quantizer.make_linear(qt, old.bias, cache_weight=cache_weight))
         report.layers.append(
-            LayerReport(full, qt.shape, qt.bits(), qt.bpw(), seconds, rel, storage_format(qt))
+            LayerReport(
+                full, qt.shape, qt.bits(), qt.bpw(), seconds, rel, storage_format(qt), codebook_bits(qt)
+            )
         )

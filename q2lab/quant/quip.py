@@ -250,5 +250,5 @@ class Quip(StackedQuantizer):
 class QuipLinear(RHTLinear):
     """QuIP# layer: rows of W̃ are E8P12 (+ residual) codebook lookups times the scale."""
 
-    def hadamard_rows(self, r0: int, r1: int) -> torch.Tensor:
+    def decode_rows(self, r0: int, r1: int) -> torch.Tensor:
         return decode_rows(self.qtensor, r0, r1)

@@ -59,7 +59,9 @@ from tests.tiny import TINY_TEXT, make_tiny_model
 # 64 and 256 are Hadamard sizes (QuIP#, QTIP) and multiples of QTIP's 16 × 16 tiles and of the
 # E8 vector length 8; 128 columns per RTN/GPTQ group.  A method needing another shape adds it here.
 SHAPE = (64, 256)
-SHAPES: dict[str, tuple[int, int]] = {}
+# Vector-codebook methods store per-layer fp16 codebooks (counted in bpw): on 64 × 256 a 2×8 AQLM book
+# alone is 4 bpw, so they are checked where the book is a small part of the storage, as in a real model.
+SHAPES: dict[str, tuple[int, int]] = {"aqlm": (512, 512), "vptq": (512, 512)}
 # The checkpoint model: every linear reads 256 inputs (no GGML fallback type needed); q/o/gate/up/down
 # are 256 × 256, k/v 128 × 256 (2 KV heads of 64).
 CKPT_MODEL = dict(hidden_size=256, intermediate_size=256, num_hidden_layers=1)

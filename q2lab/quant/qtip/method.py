@@ -192,7 +192,7 @@ def decode_rows(qt: QuantizedTensor, r0: int = 0, r1: int | None = None) -> torc
 class QTIPLinear(RHTLinear):
     """QTIP layer: rows of W̃ decoded from the trellis, one tile row-band at a time."""
 
-    def hadamard_rows(self, r0: int, r1: int) -> torch.Tensor:
+    def decode_rows(self, r0: int, r1: int) -> torch.Tensor:
         return decode_rows(self.qtensor, r0, r1)
 
     def row_step(self) -> int:
