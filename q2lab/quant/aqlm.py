@@ -30,7 +30,7 @@ import torch
 from q2lab.calib.hessian import Hessian
 from q2lab.codebooks.kmeans import kmeans, row_min
 from q2lab.errors import ConfigError, ShapeError
-from q2lab.quant.base import MethodConfig, QuantizedTensor, StackedQuantizer, option, register
+from q2lab.quant.base import MethodConfig, QuantizedTensor, StackedQuantizer, option, register, require_ints
 from q2lab.quant.gptq import prepare_hessian
 from q2lab.quant.vq import (
     FP16_BITS,
@@ -65,12 +65,8 @@ class AQLMConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        for name in ("codebook_bits", "group", "beam"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("rounds", "tune_steps", "kmeans_iters"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
+        require_ints(self, ("codebook_bits", "group", "beam"), 1)
+        require_ints(self, ("rounds", "tune_steps", "kmeans_iters"), 0)
         if self.codebook_bits > 16:
             raise ConfigError(f"codebook_bits must be at most 16 (65,536 entries), got {self.codebook_bits}")
         m = self.num_codebooks()

@@ -77,6 +77,15 @@ class MethodConfig:
         return rows
 
 
+def require_ints(cfg: Any, names: tuple[str, ...], minimum: int) -> None:
+    """Each named option must be an integer ≥ ``minimum`` (one clear line naming it otherwise)."""
+    what = {0: "a non-negative integer", 1: "a positive integer"}.get(minimum, f"an integer ≥ {minimum}")
+    for name in names:
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+            raise ConfigError(f"{name} must be {what}, got {v!r}")
+
+
 def option(default: Any, help: str, **kw: Any) -> Any:
     """A config field with help text shown by ``q2lab methods``."""
     return field(default=default, metadata={"help": help}, **kw)

@@ -36,7 +36,7 @@ import torch
 from q2lab.calib.hessian import Hessian
 from q2lab.codebooks.kmeans import kmeans, nearest
 from q2lab.errors import ConfigError, ShapeError
-from q2lab.quant.base import MethodConfig, QuantizedTensor, StackedQuantizer, option, register
+from q2lab.quant.base import MethodConfig, QuantizedTensor, StackedQuantizer, option, register, require_ints
 from q2lab.quant.gptq import prepare_hessian
 from q2lab.quant.ldlq import cholesky_factor, ldlq
 from q2lab.quant.vq import (
@@ -85,11 +85,8 @@ class VPTQConfig(MethodConfig):
             raise ConfigError(
                 f"residual_bits must be an integer in [0, {MAX_INDEX_BITS}], got {self.residual_bits!r}"
             )
-        for name in ("kmeans_iters", "tune_steps"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
-        if not isinstance(self.block_size, int) or self.block_size < 1:
-            raise ConfigError(f"block_size must be a positive integer, got {self.block_size!r}")
+        require_ints(self, ("kmeans_iters", "tune_steps"), 0)
+        require_ints(self, ("block_size",), 1)
         if not (isinstance(self.damp, (int, float)) and 0 <= self.damp < 1):
             raise ConfigError(f"damp must be in [0, 1), got {self.damp!r}")
         if not (isinstance(self.tune_lr, (int, float)) and self.tune_lr > 0):
