@@ -111,6 +111,9 @@ def evaluate(
     return Evaluator(reference).run(_as_loaded(candidate), specs)
 
 
+EXPORT_FORMATS = ("gguf", "hf-aqlm")
+
+
 def export(
     model: str | LoadedModel,
     out: str | Path,
@@ -125,17 +128,29 @@ def export(
     ctx: int = 512,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Export ``model`` (or a q2lab checkpoint) to a llama.cpp GGUF of file type ``type``.
+    """Export ``model`` (or a q2lab checkpoint).
 
-    ``imatrix`` is ``"auto"`` (the diagonal of the shared Hessian store, calibrating if needed),
-    a llama.cpp imatrix file (GGUF or legacy .dat), or ``None``.  Returns the per-tensor plan.
+    ``format="gguf"``: a llama.cpp GGUF of file type ``type``; ``imatrix`` is ``"auto"`` (the
+    diagonal of the shared Hessian store, calibrating if needed), a llama.cpp imatrix file (GGUF
+    or legacy .dat), or ``None``.  Returns the per-tensor plan.
+
+    ``format="hf-aqlm"``: an aqlm-quantized checkpoint as a Hugging Face AQLM folder that
+    ``transformers`` loads with the ``aqlm`` package (:mod:`q2lab.export.hf_aqlm`); ``type`` and
+    the imatrix options do not apply.  Returns a summary.
     """
     from q2lab.export.gguf import export_gguf, gguf_tensors, imatrix_names
     from q2lab.quant.ggml import imatrix as im
     from q2lab.quant.ggml.recipes import DEFAULT_TYPE, UNSUPPORTED
 
-    if str(format).lower() != "gguf":
-        raise ConfigError(f"unknown export format {format!r}; supported: gguf")
+    fmt = str(format).lower()
+    if fmt == "hf-aqlm":
+        from q2lab.export.hf_aqlm import export_hf_aqlm
+
+        if imatrix is not None:
+            raise ConfigError("--imatrix applies to GGUF export only, not to hf-aqlm")
+        return export_hf_aqlm(_as_loaded(model), out)
+    if fmt != "gguf":
+        raise ConfigError(f"unknown export format {format!r}; supported: {', '.join(EXPORT_FORMATS)}")
     if type.upper() not in DEFAULT_TYPE and type.upper() not in UNSUPPORTED:
         raise ConfigError(f"unknown GGUF file type {type!r}; known: {', '.join(DEFAULT_TYPE)}")
     loaded = _as_loaded(model)

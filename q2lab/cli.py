@@ -152,6 +152,9 @@ def cmd_export(args) -> int:
         from q2lab.utils.io import write_json_atomic
 
         write_json_atomic(args.report, report)
+    if "tensors" not in report:  # hf-aqlm: a summary, no per-tensor plan
+        print(json.dumps(report, indent=2))
+        return 0
     for t in report["tensors"]:
         print(f"{t['name']:<32} {t['type']:<8} {t['bpw']:7.4f} bpw  {t.get('why', '')}")
     summary = {k: v for k, v in report.items() if k != "tensors"}
@@ -222,9 +225,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_report)
 
-    s = sub.add_parser("export", help="write a model or checkpoint as a llama.cpp GGUF (float or quantized)")
+    s = sub.add_parser(
+        "export", help="write a model or checkpoint as a llama.cpp GGUF, or AQLM for transformers"
+    )
     s.add_argument("model", help="model source or q2lab checkpoint folder")
-    s.add_argument("--format", default="gguf", help="output format (gguf)")
+    s.add_argument(
+        "--format",
+        default="gguf",
+        help="gguf (llama.cpp) or hf-aqlm (an aqlm checkpoint as a transformers + aqlm folder)",
+    )
     s.add_argument(
         "--type", default="F32", help="llama.cpp file type: F32, F16, Q8_0, Q6_K, Q4_K_M, Q2_K, IQ2_XXS, ..."
     )
@@ -235,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--calib", help="Hessian store folder or root for --imatrix auto")
     calib_args(s)
     s.add_argument("--report", type=Path, help="write the per-tensor type/bpw report as JSON")
-    s.add_argument("--out", required=True, type=Path, help="GGUF file to write")
+    s.add_argument("--out", required=True, type=Path, help="GGUF file (or hf-aqlm folder) to write")
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("methods", help="list registered methods and their options")
