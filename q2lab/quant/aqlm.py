@@ -24,6 +24,7 @@ what codebooks 1…m−1 leave), each coordinate weighted by its channel's H_jj
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
@@ -61,7 +62,13 @@ class AQLMConfig(MethodConfig):
     kmeans_iters: int = option(15, "Lloyd iterations of each codebook's residual k-means initialisation")
     seed: int = option(0, "seed of the k-means++ initialisation")
 
+    preset: str | None = option(None, "a named configuration: 1x16 or 2x8 (2 bits); options override it")
+
     BITS_RANGE = (1, 8)
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {  # the AQLM README's two 2-bit layouts
+        "1x16": {"bits": 2, "codebooks": 1, "codebook_bits": 16, "group": 8},
+        "2x8": {"bits": 2, "codebooks": 2, "codebook_bits": 8, "group": 8},
+    }
 
     def validate(self) -> None:
         super().validate()

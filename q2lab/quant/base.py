@@ -36,6 +36,9 @@ class MethodConfig:
     bits: int = 4
 
     BITS_RANGE: ClassVar[tuple[int, int]] = (1, 8)
+    # Named option sets (``preset: NAME``): a published configuration in one word.  Explicit
+    # options override the preset's; a config class with presets declares a ``preset`` field.
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __post_init__(self) -> None:
         self.validate()
@@ -55,9 +58,20 @@ class MethodConfig:
                 f"unknown option(s) {', '.join(unknown)} for method {method or cls.__name__}; "
                 f"known options: {', '.join(sorted(known))}"
             )
+        if values.get("preset") is not None:
+            values = {**cls._preset(values["preset"], method), **values}
         hints = typing.get_type_hints(cls)
         coerced = {k: _coerce(k, hints.get(k, Any), v, method) for k, v in values.items()}
         return cls(**coerced)
+
+    @classmethod
+    def _preset(cls, name: Any, method: str) -> dict[str, Any]:
+        if name not in cls.PRESETS:
+            raise ConfigError(
+                f"unknown preset {name!r} for method {method or cls.__name__}; "
+                f"known presets: {', '.join(cls.PRESETS) or 'none'}"
+            )
+        return dict(cls.PRESETS[name])
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

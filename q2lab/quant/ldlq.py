@@ -23,7 +23,7 @@ shape) and any integer codes (rows × c), which are concatenated along columns i
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +43,7 @@ class LDLQResult:
 def ldlq(
     weight: torch.Tensor,
     h: torch.Tensor,
-    g: int,
+    g: int | Sequence[int],
     quantize_block: QuantizeBlock,
     *,
     damp: float = 0.01,
@@ -55,25 +55,25 @@ def ldlq(
     ``h`` is damped by ``damp``·mean(diag) (raised tenfold until positive definite), like GPTQ;
     pass ``upper`` (the upper Cholesky factor R of the damped H⁻¹) to reuse one factorisation
     for several runs (e.g. a scale search).  ``block_size`` columns form one lazy-batch
-    super-block; it is rounded down to a multiple of g.
+    super-block; it is rounded down to a multiple of g.  ``g`` may also be a sequence of block
+    widths summing to n (left to right), for quantizers whose blocks differ in width — VPTQ's
+    outlier columns in shorter vectors before the main ones; super-blocks then hold whole blocks.
     """
     rows, n = weight.shape
-    if g < 1 or n % g:
-        raise ShapeError(f"BlockLDLQ: {n} columns cannot be split into blocks of {g}")
     if tuple(h.shape) != (n, n):
         raise ShapeError(f"BlockLDLQ: a {tuple(h.shape)} Hessian does not fit {n} columns")
+    supers = _super_blocks(n, g, block_size)
     u = upper if upper is not None else cholesky_factor(h, damp)
     u = u.to(device=weight.device, dtype=torch.float32)
-    step = max(g, block_size // g * g)
     wt = weight.detach().float().T.contiguous()  # column j of W is row j here: contiguous
     values = torch.empty_like(wt)
     codes: list[torch.Tensor] = []
-    for s0 in range(0, n, step):
-        s1 = min(s0 + step, n)
+    for s0, s1, widths in supers:
         w1 = wt[s0:s1].clone()
         err1 = torch.empty_like(w1)
-        for j0 in range(0, s1 - s0, g):
-            j1 = j0 + g
+        j0 = 0
+        for width in widths:
+            j1 = j0 + width
             q, c = quantize_block(s0 + j0, w1[j0:j1].T)
             q = q.T
             r_jj = u[s0 + j0 : s0 + j1, s0 + j0 : s0 + j1]
@@ -84,9 +84,31 @@ def ldlq(
             values[s0 + j0 : s0 + j1] = q
             err1[j0:j1] = e
             codes.append(c.reshape(rows, -1))
+            j0 = j1
         if s1 < n:
             wt[s1:] -= u[s0:s1, s1:].T @ err1
     return LDLQResult(values.T.contiguous(), torch.cat(codes, dim=1))
+
+
+def _super_blocks(n: int, g: int | Sequence[int], block_size: int) -> list[tuple[int, int, list[int]]]:
+    """(start, end, block widths) of each lazy-batch super-block."""
+    if isinstance(g, int):
+        if g < 1 or n % g:
+            raise ShapeError(f"BlockLDLQ: {n} columns cannot be split into blocks of {g}")
+        step = max(g, block_size // g * g)
+        return [(s0, min(s0 + step, n), [g] * ((min(s0 + step, n) - s0) // g)) for s0 in range(0, n, step)]
+    widths = list(g)
+    if not widths or min(widths) < 1 or sum(widths) != n:
+        raise ShapeError(f"BlockLDLQ: block widths must be positive and sum to the {n} columns")
+    supers, start, cur = [], 0, []
+    for width in widths:
+        cur.append(width)
+        if sum(cur) >= block_size:
+            supers.append((start, start + sum(cur), cur))
+            start, cur = start + sum(cur), []
+    if cur:
+        supers.append((start, n, cur))
+    return supers
 
 
 def cholesky_factor(h: torch.Tensor, damp: float = 0.01) -> torch.Tensor:

@@ -122,3 +122,21 @@ def test_shape_errors():
         ldlq(torch.randn(4, 12), torch.eye(12), 8, grid_quantizer(1.0))
     with pytest.raises(ShapeError):
         ldlq(torch.randn(4, 16), torch.eye(8), 8, grid_quantizer(1.0))
+
+
+def test_block_widths_as_a_sequence_match_the_fixed_width_and_any_lazy_batch():
+    w = torch.randn(24, 96)
+    h = correlated_hessian(96, seed=3).mean()
+    fixed = ldlq(w, h, 8, grid_quantizer(0.5))
+    seq = ldlq(w, h, [8] * 12, grid_quantizer(0.5))
+    assert torch.allclose(seq.values, fixed.values, atol=1e-5) and torch.equal(seq.codes, fixed.codes)
+    # VPTQ's layout: 16 columns in blocks of 2, then blocks of 8; blocks of 1 are GPTQ's columns
+    widths = [2] * 8 + [8] * 10
+    runs = [ldlq(w, h, widths, grid_quantizer(0.5), block_size=bs) for bs in (1, 20, 64, 128)]
+    for r in runs[1:]:
+        assert torch.allclose(r.values, runs[0].values, atol=1e-5)
+    ones = ldlq(w, h, [1] * 96, grid_quantizer(0.5))
+    assert torch.allclose(ones.values, ldlq(w, h, 1, grid_quantizer(0.5)).values, atol=1e-5)
+    assert proxy_loss(w, runs[0].values, h) < proxy_loss(w, grid_quantizer(0.5)(0, w)[0], h)
+    with pytest.raises(ShapeError, match="sum to the 96 columns"):
+        ldlq(w, h, [8] * 11, grid_quantizer(0.5))

@@ -165,6 +165,98 @@ def test_bad_input_is_one_clear_error():
         make_config("vptq", {"bits": 3, "vector_len": 8})
 
 
+def test_vptq_outlier_columns_get_their_own_book_and_are_counted():
+    # a few input channels carry most of the output error (H_jj 400× the rest): keeping them in
+    # a finer book of short vectors must lower the proxy loss, and its storage is counted
+    n, m, k = 64, 256, 8
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(4096, n, generator=g)
+    hot = torch.tensor([3, 17, 18, 30, 41, 42, 50, 63])
+    x[:, hot] *= 20.0
+    hess = Hessian((x.T @ x).double(), x.shape[0])
+    h = hess.mean(torch.float32)
+    w = torch.randn(m, n, generator=g)
+    base = {"bits": 2, "vector_len": 4, "tune_steps": 10}
+    plain = get_quantizer("vptq").quantize(w, hess, make_config("vptq", base))
+    opts = {**base, "outlier_cols": k, "outlier_vector_len": 2, "outlier_bits": 4}
+    qt = get_quantizer("vptq").quantize(w, hess, make_config("vptq", opts))
+    assert torch.equal(qt.tensors["outlier_idx"].long(), hot)
+    extra = m * k * 4 + 256 * 2 * 16 + k * 6 - (m * k // 4 * 8)  # outlier codes + book + indices − main codes
+    assert qt.bits() - plain.bits() == extra
+    # Hessian-weighted k-means alone spends the shared book on the hot coordinates (their MSE is
+    # tiny, the other columns' large); with their own book the main book serves the rest
+    assert proxy_loss(w, qt.dequantize(), h) < 0.95 * proxy_loss(w, plain.dequantize(), h)
+    cold = torch.ones(n, dtype=torch.bool)
+    cold[hot] = False
+    mse = {name: ((w - t.dequantize()) ** 2)[:, cold].mean() for name, t in (("plain", plain), ("out", qt))}
+    assert mse["out"] < 0.5 * mse["plain"]
+    from q2lab.quant.vptq import decode_rows
+
+    full = qt.dequantize()
+    assert torch.equal(torch.cat([decode_rows(qt, 0, 100), decode_rows(qt, 100, m)]), full)
+    from q2lab.quant.vq import load_codes
+
+    codes = load_codes(qt.tensors["codes_out"], 8, m * k // 2)
+    assert torch.equal(full[:, hot], qt.tensors["codebook_out"].float()[codes].reshape(m, k))
+
+
+def test_vptq_outlier_options_are_checked():
+    hess = identity_hessian(64)
+    with pytest.raises(ConfigError, match="multiple of outlier_vector_len"):
+        make_config("vptq", {"outlier_cols": 3, "outlier_vector_len": 2})
+    with pytest.raises(ConfigError, match="outlier_bits × outlier_vector_len"):
+        make_config("vptq", {"outlier_cols": 8, "outlier_vector_len": 4, "outlier_bits": 5})
+    with pytest.raises(ShapeError, match="fewer than the layer's 64"):
+        get_quantizer("vptq").quantize(torch.randn(64, 64), hess, make_config("vptq", {"outlier_cols": 64}))
+    with pytest.raises(ShapeError, match="after 2 outlier columns"):
+        get_quantizer("vptq").quantize(torch.randn(64, 64), hess, make_config("vptq", {"outlier_cols": 2}))
+    with pytest.raises(ConfigError, match="larger than the layer's 240 vectors of 2"):
+        get_quantizer("vptq").quantize(torch.randn(60, 64), hess, make_config("vptq", {"outlier_cols": 8}))
+
+
+def test_vptq_outlier_pct_picks_the_nearest_feasible_column_count():
+    from q2lab.quant.vptq import _outlier_count
+
+    cfg = make_config("vptq", {"bits": 2, "vector_len": 6, "outlier_pct": 1.0, "outlier_vector_len": 4})
+    # k must be a multiple of 4 leaving a multiple of 6: multiples of 12 for these widths
+    assert _outlier_count(576, cfg) == 12  # 5.76 wanted
+    assert _outlier_count(1536, cfg) == 12  # 15.36 wanted: 12 is nearer than 24
+    # 61.44 wanted, multiples of 4 feasible: 60 is nearer than 64
+    assert _outlier_count(2048, make_config("vptq", {"vector_len": 4, "outlier_pct": 3.0})) == 60
+    with pytest.raises(ShapeError, match="no outlier column count"):
+        _outlier_count(6, make_config("vptq", {"vector_len": 6, "outlier_pct": 1.0, "outlier_vector_len": 4}))
+    with pytest.raises(ConfigError, match="not both"):
+        make_config("vptq", {"outlier_pct": 1.0, "outlier_cols": 2})
+    with pytest.raises(ConfigError, match="outlier_pct must be"):
+        make_config("vptq", {"outlier_pct": 60})
+
+
+@pytest.mark.parametrize(
+    ("method", "preset", "expect"),
+    [
+        ("vptq", "study", {"bits": 2, "vector_len": 8, "residual_bits": 8}),
+        ("vptq", "v6-k4096-o1", {"vector_len": 6, "outlier_pct": 1.0, "outlier_vector_len": 4}),
+        ("aqlm", "1x16", {"bits": 2, "codebooks": 1, "codebook_bits": 16, "group": 8}),
+        ("aqlm", "2x8", {"bits": 2, "codebooks": 2, "codebook_bits": 8}),
+    ],
+)
+def test_presets_set_their_options_and_explicit_options_win(method, preset, expect):
+    cfg = make_config(method, {"preset": preset})
+    assert {k: getattr(cfg, k) for k in expect} == expect
+    assert make_config(method, {"preset": preset, "seed": 7}).seed == 7
+    assert make_config(method, {"preset": preset, "kmeans_iters": 3}).kmeans_iters == 3
+
+
+def test_presets_index_bits_and_unknown_names():
+    assert make_config("vptq", {"preset": "v8-k65536-256"}).index_bits() == 16
+    assert make_config("vptq", {"preset": "v6-k4096"}).index_bits() == 12
+    assert make_config("vptq", {"preset": "v6-k4096-o1"}).outlier_index_bits() == 12
+    with pytest.raises(ConfigError, match=r"unknown preset 'v9'.*known presets: v8-k65536-0"):
+        make_config("vptq", {"preset": "v9"})
+    with pytest.raises(ConfigError, match=r"unknown preset '4x4'.*1x16, 2x8"):
+        make_config("aqlm", {"preset": "4x4"})
+
+
 def test_stored_codes_round_trip_at_any_width():
     from q2lab.quant.vq import load_codes, store_codes
 
