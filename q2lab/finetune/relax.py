@@ -79,19 +79,26 @@ class TunableLinear(nn.Module):
 @contextmanager
 def relaxed(root: nn.Module, gains: bool) -> Iterator[list[nn.Parameter]]:
     """Within the block: every tunable quantized linear under ``root`` is a
-    :class:`TunableLinear` and the norm weights are trainable; every other parameter
-    (embeddings, lm_head, biases) is frozen, so backward passes compute only what is tuned.
+    :class:`TunableLinear` (RHT methods) or a :class:`~q2lab.finetune.pv.PVLinear` (codebook
+    methods: books and scales trainable, codes fixed) and the norm weights are trainable; every
+    other parameter (embeddings, lm_head, biases) is frozen, so backward passes compute only what is tuned.
     Yields the trainable parameters; on exit the linears are written back in their stored
     format and every parameter's ``requires_grad`` is restored."""
     flags = [(p, p.requires_grad) for p in root.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
+    from q2lab.finetune.pv import PVLinear, pv_tunable  # pv builds on this module
+
     params: list[nn.Parameter] = []
     for name, mod in list(root.named_modules()):
         if tunable(mod):
             tl = TunableLinear(mod, gains)
             root.set_submodule(name, tl)
             params += [p for p in (tl.t, tl.ga, tl.gb) if p.requires_grad]
+        elif pv_tunable(mod):
+            pl = PVLinear(mod)
+            root.set_submodule(name, pl)
+            params += list(pl.tuned.values())
     for mod in root.modules():
         if _is_norm(mod):
             for p in mod.parameters(recurse=False):
@@ -101,7 +108,7 @@ def relaxed(root: nn.Module, gains: bool) -> Iterator[list[nn.Parameter]]:
         yield params
     finally:
         for name, mod in list(root.named_modules()):
-            if isinstance(mod, TunableLinear):
+            if isinstance(mod, (TunableLinear, PVLinear)):
                 root.set_submodule(name, mod.harden())
         for p, flag in flags:
             p.grad = None

@@ -30,6 +30,7 @@ from q2lab.calib.capture import (
     capture_block_calls,
     capture_block_inputs,
 )
+from q2lab.finetune.pv import pv_fit
 from q2lab.finetune.relax import relaxed
 from q2lab.finetune.train import fit, topk_kl
 from q2lab.models.arch import find_decoder
@@ -105,19 +106,9 @@ class FinetuneRun:
             return err.square().mean() / y.square().mean()
 
         with relaxed(block, self.ft.gains) as params:
-            before, after = fit(
-                params,
-                loss_of,
-                self.train_ids,
-                self.valid_ids,
-                self.ft.block_epochs,
-                self.ft.lr,
-                seed=b,
-                desc=f"finetune block {b}",
-            )
-        self.stats["blocks"].append(
-            {"block": b, "valid_rel_mse_before": before, "valid_rel_mse_after": after}
-        )
+            before, after, rounds = self._fit(block, params, loss_of, self.ft.block_epochs, b, f"block {b}")
+        entry = {"block": b, "valid_rel_mse_before": before, "valid_rel_mse_after": after}
+        self.stats["blocks"].append({**entry, "pv_rounds": rounds} if rounds else entry)
         with torch.no_grad():
             for i in range(self.inputs.n):
                 self.inputs.write(i, self._run_block(b, self.inputs.read(i, self.device))[0])
@@ -141,14 +132,34 @@ class FinetuneRun:
             return topk_kl(logits, *teacher.get(i, self.device))
 
         with relaxed(self.model, self.ft.gains) as params:
-            before, after = fit(
+            before, after, rounds = self._fit(
+                self.model, params, loss_of, self.ft.e2e_epochs, 10_000, "end-to-end"
+            )
+        self.stats["e2e"] = {"valid_kl_before": before, "valid_kl_after": after}
+        if rounds:
+            self.stats["e2e"]["pv_rounds"] = rounds
+
+    def _fit(
+        self, root: nn.Module, params: list, loss_of: Any, epochs: int, seed: int, what: str
+    ) -> tuple[float, float, list[dict[str, float]]]:
+        """Continuous tuning (:func:`fit`), or with ``mode: pv`` P epochs alternating with V
+        steps on the codebook layers (:func:`q2lab.finetune.pv.pv_fit`)."""
+        ft = self.ft
+        if ft.mode == "pv":
+            return pv_fit(
+                root,
                 params,
                 loss_of,
                 self.train_ids,
                 self.valid_ids,
-                self.ft.e2e_epochs,
-                self.ft.lr,
-                seed=10_000,
-                desc="finetune end-to-end",
+                epochs,
+                ft.lr,
+                ft.v_frac,
+                ft.v_lr,
+                seed=seed,
+                desc=f"pv-tune {what}",
             )
-        self.stats["e2e"] = {"valid_kl_before": before, "valid_kl_after": after}
+        before, after = fit(
+            params, loss_of, self.train_ids, self.valid_ids, epochs, ft.lr, seed=seed, desc=f"finetune {what}"
+        )
+        return before, after, []

@@ -23,6 +23,7 @@ what codebooks 1…m−1 leave), each coordinate weighted by its channel's H_jj
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -32,9 +33,12 @@ from q2lab.calib.hessian import Hessian
 from q2lab.codebooks.kmeans import kmeans, row_min
 from q2lab.errors import ConfigError, ShapeError
 from q2lab.quant.base import MethodConfig, QuantizedTensor, StackedQuantizer, option, register, require_ints
+from q2lab.quant.finetune_option import FinetuneOption, finetune_option
 from q2lab.quant.gptq import prepare_hessian
 from q2lab.quant.vq import (
     FP16_BITS,
+    PVRegion,
+    PVView,
     VQLinear,
     adam_tune,
     check_finite,
@@ -50,7 +54,7 @@ SCORE_MIB = 16  # rows × beam × 2^B score block per step
 
 
 @dataclass
-class AQLMConfig(MethodConfig):
+class AQLMConfig(FinetuneOption, MethodConfig):
     bits: int = option(2, "code bits per weight: codebooks × codebook_bits / group")
     codebooks: int | None = option(None, "M additive codebooks (default bits · group / codebook_bits)")
     codebook_bits: int = option(8, "B: each codebook has 2^B entries (8 → 2×8 at 2 bits, 16 → 1×16)")
@@ -62,6 +66,7 @@ class AQLMConfig(MethodConfig):
     kmeans_iters: int = option(15, "Lloyd iterations of each codebook's residual k-means initialisation")
     seed: int = option(0, "seed of the k-means++ initialisation")
 
+    finetune: Mapping | None = finetune_option()
     preset: str | None = option(None, "a named configuration: 1x16 or 2x8 (2 bits); options override it")
 
     BITS_RANGE = (1, 8)
@@ -249,6 +254,33 @@ def aqlm_quantize(weights: list[torch.Tensor], hessian: Hessian, cfg: AQLMConfig
     return out
 
 
+def pv_view(qt: QuantizedTensor) -> PVView:
+    """The layer for PV-tuning: books and row scales continuous, one region of M-stage codes."""
+    rows, n = qt.shape
+    m, b, g = int(qt.meta["codebooks"]), int(qt.meta["codebook_bits"]), int(qt.meta["group"])
+    groups = n // g
+    t = qt.tensors
+    codes = load_codes(t["codes"], b, rows * groups * m).view(rows * groups, m)
+    params = {"codebooks": t["codebooks"].float().clone(), "scales": t["scales"].float().clone()}
+
+    def decode(p: dict[str, torch.Tensor], c: list[torch.Tensor]) -> torch.Tensor:
+        return _decode(p["codebooks"], c[0].view(rows, groups, m), p["scales"])
+
+    def targets(w: torch.Tensor, p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        s = p["scales"].detach().clamp_min(1e-12)
+        return (w / s.unsqueeze(1)).reshape(-1, g), s.square().repeat_interleave(groups)
+
+    def store(p: dict[str, torch.Tensor], c: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {
+            "codes": store_codes(c[0].reshape(-1), b),
+            "codebooks": p["codebooks"].detach().to(torch.float16).contiguous(),
+            "scales": p["scales"].detach().to(torch.float16).contiguous(),
+        }
+
+    region = PVRegion(lambda p: list(p["codebooks"]), codes, targets)
+    return PVView(qt, params, [region], decode, store)
+
+
 def _encode(books, codes, scales, shape: tuple[int, int], cfg: AQLMConfig) -> QuantizedTensor:
     rows, n = shape
     m, b = cfg.num_codebooks(), cfg.codebook_bits
@@ -281,6 +313,9 @@ class AQLM(StackedQuantizer):
 
     def dequantize(self, qt: QuantizedTensor) -> torch.Tensor:
         return decode_rows(qt)
+
+    def pv_view(self, qt: QuantizedTensor) -> PVView:
+        return pv_view(qt)
 
     def make_linear(self, qt: QuantizedTensor, bias: torch.Tensor | None, cache_weight: bool = True):
         return VQLinear(qt, bias, decode_rows, cache_weight=cache_weight)

@@ -74,7 +74,10 @@ class MethodConfig:
         return dict(cls.PRESETS[name])
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d.get("preset", 0) is None:  # no preset: the dict (and cell ids hashed from it) as before presets
+            d.pop("preset")
+        return d
 
     @classmethod
     def describe(cls) -> list[tuple[str, str, str]]:
@@ -219,6 +222,12 @@ class Quantizer(ABC):
         """Per-linear (method, config) by module name, for methods that mix types across layers
         (a llama.cpp file type bumps attention V and ``ffn_down``); ``None`` for a linear keeps
         it float.  The default, ``None``, quantizes every linear with this method and ``cfg``."""
+        return None
+
+    def pv_view(self, qt: QuantizedTensor) -> Any:
+        """The layer opened for PV-tuning (:class:`q2lab.quant.vq.PVView`: continuous tensors,
+        discrete codes, a differentiable decode and the write-back), or ``None`` when the
+        method's codes cannot be re-chosen one vector at a time (the default)."""
         return None
 
     def make_linear(self, qt: QuantizedTensor, bias: torch.Tensor | None, cache_weight: bool = True):

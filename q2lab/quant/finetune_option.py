@@ -1,5 +1,5 @@
 """The ``finetune:`` option section shared by methods whose quantized layers keep continuous
-parameters (QuIP#, QTIP): validated once here, so every method spells it the same way.
+parameters (QuIP#, QTIP, AQLM, VPTQ): validated once here, so every method spells it the same way.
 
 Only the option lives with the methods; the training it asks for is :mod:`q2lab.finetune`, which
 :func:`q2lab.quant.model.quantize_model` runs through its ``tuner`` hook (methods never import
@@ -28,6 +28,11 @@ class FinetuneConfig:
     valid: float = 0.25  # held-out fraction of the windows, for early stopping
     gains: bool = True  # relax the sign vectors to fp16 gains (+16 bits per row and column, counted)
     topk: int = 64  # stage 2: teacher log-probs cached as top-k + the tail mass
+    # "continuous": train the continuous parameters only; "pv": PV-tuning, each epoch of
+    # continuous (P) steps followed by a V step that re-chooses codebook layers' codes
+    mode: str = "continuous"
+    v_frac: float = 0.01  # V step: at most this fraction of a layer's vectors change codes
+    v_lr: float = 0.1  # V step: target W − v_lr·RMS(W)·ĝ/RMS(ĝ), ĝ the summed gradient of W
 
     def __post_init__(self) -> None:
         for name in ("block_epochs", "e2e_epochs"):
@@ -46,6 +51,12 @@ class FinetuneConfig:
             raise ConfigError(f"finetune.lr must be positive, got {self.lr!r}")
         if not (isinstance(self.valid, (int, float)) and 0 < self.valid < 1):
             raise ConfigError(f"finetune.valid must be in (0, 1), got {self.valid!r}")
+        if self.mode not in ("continuous", "pv"):
+            raise ConfigError(f"finetune.mode must be 'continuous' or 'pv', got {self.mode!r}")
+        if not (isinstance(self.v_frac, (int, float)) and 0 < self.v_frac <= 1):
+            raise ConfigError(f"finetune.v_frac must be in (0, 1], got {self.v_frac!r}")
+        if not (isinstance(self.v_lr, (int, float)) and self.v_lr > 0):
+            raise ConfigError(f"finetune.v_lr must be positive, got {self.v_lr!r}")
         if not isinstance(self.gains, bool):
             raise ConfigError(f"finetune.gains must be true or false, got {self.gains!r}")
 
@@ -65,11 +76,12 @@ class FinetuneConfig:
                 f"unknown finetune option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
             )
         vals = dict(value)
-        if isinstance(vals.get("lr"), str):
-            try:
-                vals["lr"] = float(vals["lr"])
-            except ValueError as e:
-                raise ConfigError(f"finetune.lr must be a number, got {vals['lr']!r}") from e
+        for key in ("lr", "v_lr", "v_frac"):
+            if isinstance(vals.get(key), str):  # YAML reads 1e-3 as a string
+                try:
+                    vals[key] = float(vals[key])
+                except ValueError as e:
+                    raise ConfigError(f"finetune.{key} must be a number, got {vals[key]!r}") from e
         return cls(**vals)
 
     @property

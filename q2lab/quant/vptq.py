@@ -38,6 +38,7 @@ Decoding is a gather; :class:`~q2lab.quant.vq.VQLinear` decodes row bands on the
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -47,9 +48,12 @@ from q2lab.calib.hessian import Hessian
 from q2lab.codebooks.kmeans import kmeans, nearest
 from q2lab.errors import ConfigError, ShapeError
 from q2lab.quant.base import MethodConfig, QuantizedTensor, StackedQuantizer, option, register, require_ints
+from q2lab.quant.finetune_option import FinetuneOption, finetune_option
 from q2lab.quant.gptq import prepare_hessian
 from q2lab.quant.ldlq import cholesky_factor, ldlq
 from q2lab.quant.vq import (
+    PVRegion,
+    PVView,
     VQLinear,
     adam_tune,
     check_finite,
@@ -68,7 +72,7 @@ DEFAULT_INDEX_BITS = 8
 
 
 @dataclass
-class VPTQConfig(MethodConfig):
+class VPTQConfig(FinetuneOption, MethodConfig):
     bits: int = option(2, "index bits per weight of the main codebook: it has 2^(bits·vector_len) entries")
     vector_len: int | None = option(None, "input weights per vector (default 8 // bits: a 256-entry book)")
     residual_bits: int = option(0, "index bits per vector of a residual codebook (0 = none, 8 = 256 entries)")
@@ -82,6 +86,7 @@ class VPTQConfig(MethodConfig):
     damp: float = option(0.01, "damping added to H's diagonal, as a fraction of its mean")
     block_size: int = option(128, "columns per BlockLDLQ lazy-batch super-block")
     seed: int = option(0, "seed of the k-means++ initialisation")
+    finetune: Mapping | None = finetune_option()
     preset: str | None = option(None, "a named configuration (see PRESETS); explicit options override it")
 
     BITS_RANGE = (1, 8)
@@ -414,6 +419,58 @@ def decode_rows(qt: QuantizedTensor, r0: int = 0, r1: int | None = None) -> torc
     return full
 
 
+def pv_view(qt: QuantizedTensor) -> PVView:
+    """The layer for PV-tuning: every codebook continuous; regions of main (+ residual) codes
+    over the non-outlier columns and of outlier codes over the outlier columns."""
+    m, n = qt.shape
+    t, meta = qt.tensors, qt.meta
+    k, v = int(meta.get("outlier_cols", 0)), int(meta["vector_len"])
+    count = m * ((n - k) // v)
+    stages = [("", int(meta["index_bits"]))]
+    if "codes_res" in t:
+        stages.append(("_res", int(meta["residual_bits"])))
+    main = torch.stack([load_codes(t["codes" + sfx], bits, count) for sfx, bits in stages], dim=1)
+    names = ["codebook" + sfx for sfx, _ in stages]
+    params = {name: t[name].float().clone() for name in names}
+    idx = t["outlier_idx"].long() if k else torch.zeros(0, dtype=torch.long)
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[idx] = False
+    rest = torch.arange(n)[keep]
+    inv = torch.argsort(torch.cat([idx, rest]))
+
+    def main_targets(w: torch.Tensor, p: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        x = w[:, rest].reshape(-1, v)
+        return x, torch.ones(x.shape[0])
+
+    regions = [PVRegion(lambda p: [p[name] for name in names], main, main_targets)]
+    if k:
+        vo, ob = int(meta["outlier_vector_len"]), int(meta["outlier_index_bits"])
+        params["codebook_out"] = t["codebook_out"].float().clone()
+
+        def out_targets(w: torch.Tensor, p: dict) -> tuple[torch.Tensor, torch.Tensor]:
+            x = w[:, idx].reshape(-1, vo)
+            return x, torch.ones(x.shape[0])
+
+        out_codes = load_codes(t["codes_out"], ob, m * (k // vo)).unsqueeze(1)
+        regions.append(PVRegion(lambda p: [p["codebook_out"]], out_codes, out_targets))
+
+    def decode(p: dict[str, torch.Tensor], c: list[torch.Tensor]) -> torch.Tensor:
+        w = _decode([p[name] for name in names], c[0], m, n - k)
+        if not k:
+            return w
+        return torch.cat([_decode([p["codebook_out"]], c[1], m, k), w], dim=1)[:, inv]
+
+    def store(p: dict[str, torch.Tensor], c: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {name: p[name].detach().to(torch.float16).contiguous() for name in p}
+        for i, (sfx, bits) in enumerate(stages):
+            out["codes" + sfx] = store_codes(c[0][:, i], bits)
+        if k:
+            out["codes_out"] = store_codes(c[1][:, 0], int(meta["outlier_index_bits"]))
+        return out
+
+    return PVView(qt, params, regions, decode, store)
+
+
 def _decode_region(t: dict, suffix: str, bits: int, v: int, m: int, n: int, r0: int, r1: int) -> torch.Tensor:
     """Rows r0:r1 of one codebook's part: its columns only (``n`` of them, vectors of ``v``)."""
     per_row = n // v
@@ -433,6 +490,9 @@ class VPTQ(StackedQuantizer):
 
     def dequantize(self, qt: QuantizedTensor) -> torch.Tensor:
         return decode_rows(qt)
+
+    def pv_view(self, qt: QuantizedTensor) -> PVView:
+        return pv_view(qt)
 
     def make_linear(self, qt: QuantizedTensor, bias: torch.Tensor | None, cache_weight: bool = True):
         return VQLinear(qt, bias, decode_rows, cache_weight=cache_weight)

@@ -1,5 +1,6 @@
 """Shared pieces of the vector-codebook methods (VPTQ, AQLM): code storage, the proxy loss and
-its gradient, codebook tuning with Adam, and the decode-on-the-fly layer.
+its gradient, codebook tuning with Adam, the decode-on-the-fly layer, and the PV-tuning view
+(continuous books and scales, discrete codes, the V step's re-encoding).
 
 Both methods store, per linear, integer codes indexing small per-layer codebooks (fp16, counted
 in bpw) and decode a row band as a gather; they differ in how codes are chosen (nearest
@@ -8,10 +9,13 @@ vector after error feedback vs additive beam search).  What they share lives her
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
+from q2lab.codebooks.kmeans import nearest
 from q2lab.errors import ModelError
 from q2lab.quant.base import QuantizedTensor
 from q2lab.quant.linear import RowDecodeLinear
@@ -124,3 +128,72 @@ class VQLinear(RowDecodeLinear):
 
     def decode_rows(self, r0: int, r1: int) -> torch.Tensor:
         return self._decoder(self.qtensor, r0, r1)
+
+
+# --------------------------------------------------------------------------- PV-tuning view
+@dataclass
+class PVRegion:
+    """Part of a codebook layer whose vectors are sums of stage codewords:
+    vector_i = Σ_s books[s][codes[i, s]].  ``targets(W)`` maps a float weight to this region's
+    target vectors (N, d) in the books' space and a weight per vector (N,) that turns squared
+    distances there into squared distances in W (AQLM: the row scale²)."""
+
+    books: Callable[[dict[str, torch.Tensor]], list[torch.Tensor]]  # stage books, from the params
+    codes: torch.Tensor  # (N, stages) int64
+    targets: Callable[[torch.Tensor, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class PVView:
+    """A codebook layer opened for PV-tuning (Malinovskii et al., 2024): ``params`` are the
+    continuous tensors (float32 books, scales) the P step trains with the codes fixed;
+    ``regions`` hold the codes the V step re-chooses.  ``decode(params, codes)`` is the weight,
+    differentiable in ``params``; ``write(params, codes)`` is the stored layer with the tuned
+    values (same formats and bit counts)."""
+
+    qt: QuantizedTensor
+    params: dict[str, torch.Tensor]
+    regions: list[PVRegion]
+    decode: Callable[[dict[str, torch.Tensor], list[torch.Tensor]], torch.Tensor]
+    store: Callable[[dict[str, torch.Tensor], list[torch.Tensor]], dict[str, torch.Tensor]]
+
+    def codes(self) -> list[torch.Tensor]:
+        return [r.codes for r in self.regions]
+
+    def weight(self, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        return self.decode(self.params if params is None else params, self.codes())
+
+    def write(self) -> QuantizedTensor:
+        """The stored layer with the current books, scales and codes (stored dtypes, so the
+        reloaded model is the tuned one up to fp16 rounding of the books)."""
+        with torch.no_grad():
+            tensors = {**self.qt.tensors, **self.store(self.params, self.codes())}
+        return dataclasses.replace(self.qt, tensors=tensors)
+
+
+@torch.no_grad()
+def v_step(view: PVView, target: torch.Tensor, fraction: float) -> int:
+    """The V step: re-choose codes towards ``target`` (the weight after a gradient step).  Each
+    vector's stages are re-chosen in turn (nearest codeword to what the other stages leave);
+    of the vectors that would move closer, the ``fraction`` with the largest gain (squared
+    distance in W) take their new codes.  Returns how many vectors changed."""
+    changed = 0
+    for region in view.regions:
+        books = [b.detach() for b in region.books(view.params)]
+        x, weight = region.targets(target, view.params)
+        codes = region.codes
+        cur = sum(b[codes[:, s]] for s, b in enumerate(books))
+        new_codes, new = codes.clone(), cur.clone()
+        for s, b in enumerate(books):
+            others = new - b[new_codes[:, s]]
+            c = nearest(x - others, b)
+            new = others + b[c]
+            new_codes[:, s] = c
+        gain = weight * ((x - cur).square().sum(1) - (x - new).square().sum(1))
+        k = min(int(fraction * gain.numel()), int((gain > 0).sum()))
+        if k <= 0:
+            continue
+        idx = torch.topk(gain, k).indices
+        codes[idx] = new_codes[idx]
+        changed += k
+    return changed
