@@ -99,7 +99,9 @@ class ResultRow:
     # the task's settings, the quantization report, provenance, timings
     task_key: str | None = None  # resume key of (cell, task settings)
     task_settings: dict[str, Any] | None = None
-    quant: dict[str, Any] | None = None  # proxy_rel_mean, notes, params, formats (+ bpw_no_codebooks)
+    # proxy_rel_mean, notes, params, formats (+ bpw_no_codebooks; + finetune: the tuning stages'
+    # held-out losses per block and end to end, and PV-tuning's rounds)
+    quant: dict[str, Any] | None = None
     provenance: dict[str, Any] | None = None
     timings: dict[str, Any] | None = None  # quantize_s, eval_s
     file_size_bytes: int | None = field(default=None, metadata={"omit_none": True})
