@@ -26,9 +26,12 @@ install: $(VENV)/.installed
 # Optional peer: llama.cpp through llama-cpp-python (builds from source, ~10-15 min on 2 cores; pip caches
 # the wheel), plus llama.cpp's own llama-quantize program compiled from the same version's source
 # (~10 s: tests/oracles/llama_tools.py).  Tests that use them as oracles skip with a message when they
-# are absent (and fail in CI).
+# are absent (and fail in CI).  The build is portable AVX2, not -march=native: on an AVX-512 machine
+# (2026-12-04) the native build of 0.3.36 segfaults in llama_decode on Gemma-3-270M, the AVX2 one
+# passes.  pip caches the built wheel: after changing these flags, install with --no-cache-dir.
+LLAMACPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 install-llamacpp: install
-	$(PIP) install -q -e ".[llamacpp]"
+	CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" $(PIP) install -q -e ".[llamacpp]"
 	$(PY) -m tests.oracles.llama_tools
 
 demo: install
