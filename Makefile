@@ -23,15 +23,27 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# Optional peer: llama.cpp through llama-cpp-python (builds from source, ~10-15 min on 2 cores; pip caches
-# the wheel), plus llama.cpp's own llama-quantize program compiled from the same version's source
-# (~10 s: tests/oracles/llama_tools.py).  Tests that use them as oracles skip with a message when they
-# are absent (and fail in CI).  The build is portable AVX2, not -march=native: on an AVX-512 machine
+# Optional peer: llama.cpp through llama-cpp-python (builds from source, ~10-15 min on 2 cores), plus
+# llama.cpp's own llama-quantize program compiled from the same version's source (~10 s:
+# tests/oracles/llama_tools.py).  Tests that use them as oracles skip with a message when they are
+# absent (and fail in CI).  The build is portable AVX2, not -march=native: on an AVX-512 machine
 # (2026-12-04) the native build of 0.3.36 segfaults in llama_decode on Gemma-3-270M, the AVX2 one
-# passes.  pip caches the built wheel: after changing these flags, install with --no-cache-dir.
+# passes.  pip's own wheel cache keys a built wheel by its source only, not by CMAKE_ARGS, so it would
+# hand back a wheel built with other flags: the wheel is built with --no-cache-dir into a folder keyed
+# by version and flags, and installed from there.
+LLAMACPP_VERSION ?= 0.3.36
 LLAMACPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+LLAMACPP_WHEELS ?= $(HOME)/.cache/q2lab/wheels/llama-cpp-python-$(LLAMACPP_VERSION)-$(shell echo "$(LLAMACPP_CMAKE_ARGS)" | sha256sum | cut -c1-12)
 install-llamacpp: install
-	CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" $(PIP) install -q -e ".[llamacpp]"
+	if ! ls $(LLAMACPP_WHEELS)/*.whl >/dev/null 2>&1; then \
+		rm -rf $(LLAMACPP_WHEELS).tmp && \
+		CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" $(PIP) wheel -q --no-cache-dir --no-deps \
+			-w $(LLAMACPP_WHEELS).tmp "llama-cpp-python==$(LLAMACPP_VERSION)" && \
+		rm -rf $(LLAMACPP_WHEELS) && mv $(LLAMACPP_WHEELS).tmp $(LLAMACPP_WHEELS); \
+	fi
+	$(PIP) install -q --force-reinstall --no-deps $(LLAMACPP_WHEELS)/*.whl
+	$(PIP) install -q -e ".[llamacpp]"
+	$(PY) -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__, llama_cpp.llama_print_system_info().decode())"
 	$(PY) -m tests.oracles.llama_tools
 
 demo: install
