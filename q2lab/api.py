@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from q2lab.calib.store import MANIFEST, CalibSpec, HessianStore
+from q2lab.calib.store import MANIFEST, CalibSpec, HessianStore, calibration_windows
 from q2lab.calib.store import calibrate as _calibrate
 from q2lab.errors import ConfigError
 from q2lab.eval.records import Record
@@ -83,7 +83,16 @@ def quantize(
     store = None
     if get_quantizer(method).uses_hessian(cfg):
         store = _hessians(loaded, calib, CalibSpec(corpus, windows, ctx, seed))
-    report = quantize_model(loaded.model, method, cfg, store, tuner=finetuner(loaded, store, cfg))
+    report = quantize_model(
+        loaded.model,
+        method,
+        cfg,
+        store,
+        tuner=finetuner(loaded, store, cfg),
+        windows=None
+        if store is None
+        else lambda n=None, ctx=None: calibration_windows(loaded, store, n, ctx),
+    )
     summary = report.to_dict(per_layer=True)
     if store is not None:
         summary["hessians"] = store.describe()

@@ -139,6 +139,19 @@ def store_path(loaded, corpus_sha256: str, spec: CalibSpec, root: Path | None = 
     return root / f"{_slug(loaded.info.name)}-{key[:16]}", key
 
 
+def calibration_windows(
+    loaded, store: HessianStore, n: int | None = None, ctx: int | None = None
+) -> torch.Tensor:
+    """Token windows drawn like ``store``'s own calibration windows (its corpus, random mode and
+    seed): ``n`` of them (default: the store's count) of ``ctx`` tokens (default: the store's) —
+    what training that must see the calibration data (fine-tuning, learned rotations) reads."""
+    spec = store.describe()
+    corpus = load_corpus(spec["corpus"], role="calib")
+    return corpus_windows(
+        loaded, corpus, n or spec["windows"], ctx or spec["ctx"], mode="random", seed=spec["seed"]
+    )
+
+
 def calibrate(loaded, spec: CalibSpec = CalibSpec(), root: Path | None = None) -> HessianStore:
     """Return the store for ``loaded`` and ``spec``, computing it only if it does not exist yet."""
     corpus = load_corpus(spec.corpus, role="calib")

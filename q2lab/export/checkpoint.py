@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from q2lab.models.checkpoint import FORMAT_VERSION, WEIGHTS
 from q2lab.models.loader import CHECKPOINT_MANIFEST, LoadedModel
 from q2lab.quant.linear import QuantLinear
+from q2lab.transforms.rotate import DenseNorm
 from q2lab.utils.io import atomic_path, write_json_atomic
 from q2lab.utils.provenance import versions
 
@@ -48,6 +49,9 @@ def save_checkpoint(loaded: LoadedModel, out: str | Path, report: dict[str, Any]
             }
             for k, v in qt.tensors.items():
                 tensors[f"{name}.{k}"] = v.detach().cpu().contiguous()
+    # Rotated sandwich norms hold a d × d matrix where the architecture has a d-vector: the
+    # reader rebuilds them before filling the weights.
+    dense_norms = {name: mod.eps for name, mod in model.named_modules() if isinstance(mod, DenseNorm)}
     aliases: dict[str, str] = {}
     seen: dict[int, str] = {}
     for key, value in model.state_dict(keep_vars=True).items():
@@ -66,6 +70,7 @@ def save_checkpoint(loaded: LoadedModel, out: str | Path, report: dict[str, Any]
         "quantization": report or {},
         "quantized": quantized,
         "aliases": aliases,
+        "dense_norms": dense_norms,
         "versions": versions(),
     }
     with atomic_path(out, is_dir=True) as tmp:

@@ -16,7 +16,7 @@ def finetune_windows(loaded: Any, store: Any, cfg: Any) -> Any:
     """Token windows for fine-tuning ``loaded`` with method config ``cfg``: ``finetune.windows``
     windows drawn like the store's calibration windows (same corpus, random mode, seed and —
     unless ``finetune.ctx`` says otherwise — ctx); None when fine-tuning is off."""
-    from q2lab.data.text import corpus_windows, load_corpus
+    from q2lab.calib.store import calibration_windows
     from q2lab.errors import ConfigError
     from q2lab.quant.finetune_option import finetune_of
 
@@ -25,10 +25,7 @@ def finetune_windows(loaded: Any, store: Any, cfg: Any) -> Any:
         return None
     if store is None:
         raise ConfigError("fine-tuning needs a calibration (its windows come from the calibration corpus)")
-    spec = store.describe()
-    corpus = load_corpus(spec["corpus"], role="calib")
-    ctx = ft.ctx or spec["ctx"]
-    return corpus_windows(loaded, corpus, ft.windows, ctx, mode="random", seed=spec["seed"])
+    return calibration_windows(loaded, store, ft.windows, ft.ctx or None)
 
 
 def finetuner(loaded: Any, store: Any, cfg: Any) -> Any:

@@ -28,6 +28,7 @@ from q2lab.errors import CorruptFileError
 from q2lab.models.loader import CHECKPOINT_MANIFEST, LoadedModel, ModelInfo
 from q2lab.quant.base import QuantizedTensor, get_quantizer
 from q2lab.quant.linear import QuantLinear
+from q2lab.transforms.rotate import DenseNorm
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -64,6 +65,11 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> LoadedModel:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for name, spec in manifest["quantized"].items():
         model.set_submodule(name, _quant_linear(path, name, spec, tensors))
+    for name, eps in manifest.get("dense_norms", {}).items():
+        matrix = tensors.get(f"{name}.weight")
+        if matrix is None or matrix.ndim != 2:
+            raise CorruptFileError(f"checkpoint {path}: the dense norm {name} has no d × d weight")
+        model.set_submodule(name, DenseNorm(matrix, float(eps), matrix.dtype))
     float_state = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[0] not in manifest["quantized"]}
     missing, unexpected = model.load_state_dict(float_state, strict=False, assign=True)
     if unexpected:

@@ -224,6 +224,17 @@ class Quantizer(ABC):
         it float.  The default, ``None``, quantizes every linear with this method and ``cfg``."""
         return None
 
+    def prepare_model(
+        self, model: torch.nn.Module, cfg: MethodConfig, store: Any, windows: Any = None
+    ) -> tuple[Any, list[str]]:
+        """A whole-model transform run once before any block is rounded (rotations fuse norms and
+        rotate the float model in place, computing the same function).  ``windows()``, when given,
+        returns calibration token windows (for transforms that are learned, e.g. SpinQuant).
+        Returns the Hessian source to read from then on — the shared store, or a view that derives
+        the transformed model's Hessians from it — and notes for the report.  The default changes
+        nothing."""
+        return store, []
+
     def pv_view(self, qt: QuantizedTensor) -> Any:
         """The layer opened for PV-tuning (:class:`q2lab.quant.vq.PVView`: continuous tensors,
         discrete codes, a differentiable decode and the write-back), or ``None`` when the

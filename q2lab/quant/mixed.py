@@ -62,7 +62,13 @@ def _parse(spec: Any, where: str, with_match: bool) -> _Rule:
     if opts.get("finetune") is not None:
         raise ConfigError(f"mixed: {where} cannot fine-tune (one run cannot serve several methods)")
     cfg = make_config(method, opts)
-    return _Rule(pattern, get_quantizer(method).name, cfg)
+    quantizer = get_quantizer(method)
+    if type(quantizer).prepare_model is not Quantizer.prepare_model:
+        raise ConfigError(
+            f"mixed: {where} uses {quantizer.name}, which transforms the whole model (rotations) "
+            "before rounding; it cannot be one rule or the base of a mix"
+        )
+    return _Rule(pattern, quantizer.name, cfg)
 
 
 @dataclass

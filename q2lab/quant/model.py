@@ -158,12 +158,16 @@ def quantize_model(
     skip: list[str] | None = None,
     cache_weight: bool = True,
     tuner: TunerFactory | None = None,
+    windows: Callable[..., torch.Tensor] | None = None,
 ) -> QuantReport:
     """Quantize ``model``'s decoder linears in place with ``method``; returns the report.
 
     When ``cfg`` has a ``finetune`` section, ``tuner`` runs the two fine-tuning stages: pass
     :func:`q2lab.finetune.finetuner` ``(loaded, store, cfg)``.  Methods never import training
-    code; this hook is how a method's ``finetune:`` option reaches it."""
+    code; this hook is how a method's ``finetune:`` option reaches it.  ``windows(n, ctx)`` returns
+    n calibration token windows of ctx tokens (None: the store's), for methods that learn a
+    transform on them (SpinQuant); pass ``lambda n=None, ctx=None: calibration_windows(loaded,
+    store, n, ctx)``."""
     quantizer = get_quantizer(method)
     if quantizer.uses_hessian(cfg) and store is None:
         raise ConfigError(
@@ -174,6 +178,8 @@ def quantize_model(
     layout = find_decoder(model)
     report = QuantReport(quantizer.name, cfg.to_dict())
     t_start = time.time()
+    store, prepared = quantizer.prepare_model(model, cfg, store, windows)
+    report.notes.extend(prepared)
     run = _tuner(model, cfg, tuner)
     assigned = quantizer.layer_methods(model, cfg)
     for b in progress(range(len(layout)), f"quantize {quantizer.name}", len(layout), unit="block"):

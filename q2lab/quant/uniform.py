@@ -234,3 +234,17 @@ def quantize_groups(
         codes[:, s:e] = round_to_grid(w[:, s:e].float(), scale, zero, bits).to(torch.int32)
         scales[:, gi], zeros[:, gi] = scale, zero
     return codes, scales, zeros
+
+
+def fake_quant(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool = False) -> torch.Tensor:
+    """``w`` rounded to its min/max grid per group, differentiable by the straight-through
+    estimator (the forward is the rounded weight, the gradient passes as if it were ``w``):
+    what training that looks through a quantizer — learned rotations — sees of a layer."""
+    layout = GroupLayout.make(w.shape[1], group_size)
+    parts = []
+    with torch.no_grad():
+        for s, e in layout.bounds():
+            g = w[:, s:e].detach()
+            scale, zero = grid_params(g, bits, symmetric)
+            parts.append(from_grid(round_to_grid(g, scale, zero, bits), scale, zero))
+    return w + (torch.cat(parts, dim=1).to(w.dtype) - w).detach()

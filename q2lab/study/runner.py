@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from q2lab.calib.store import HessianStore, calibrate
+from q2lab.calib.store import HessianStore, calibrate, calibration_windows
 from q2lab.errors import Q2labError
 from q2lab.eval.tasks import Evaluator, TaskSpec
 from q2lab.finetune import finetuner
@@ -136,8 +136,17 @@ class _CellContext:
             candidate = load_model(self.model_name, dtype=self.cfg.dtype)
             assert cell.config is not None
             tuner = finetuner(candidate, self.store, cell.config)
+            store = self.store
             report = quantize_model(
-                candidate.model, cell.method, cell.config, self.store, skip=self.cfg.skip, tuner=tuner
+                candidate.model,
+                cell.method,
+                cell.config,
+                store,
+                skip=self.cfg.skip,
+                tuner=tuner,
+                windows=None
+                if store is None
+                else lambda n=None, ctx=None: calibration_windows(candidate, store, n, ctx),
             )
             qinfo = report.to_dict()
         t_quant = time.time() - t0

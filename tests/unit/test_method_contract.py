@@ -66,9 +66,11 @@ SHAPES: dict[str, tuple[int, int]] = {"aqlm": (512, 512), "vptq": (512, 512)}
 # are 256 × 256, k/v 128 × 256 (2 KV heads of 64).
 CKPT_MODEL = dict(hidden_size=256, intermediate_size=256, num_hidden_layers=1)
 
-# Options a method needs because its default config does not validate (no default file type / base).
+# Options a method needs because its default config does not validate (no default file type / base),
+# or to keep it fast.
 EXAMPLE_OPTIONS: dict[str, dict] = {
     "llamacpp": {"file_type": "Q4_K_M"},
+    "spinquant": {"steps": 2, "windows": 2},  # the learning is tested in tests/unit/test_rotations.py
     "mixed": {
         "base": {"method": "gptq", "bits": 3},
         "rules": [
@@ -231,7 +233,14 @@ def check_checkpoint(name: str, tmp: Path, store) -> None:
 
     lm = make_tiny_model("llama", **CKPT_MODEL)
     q, cfg = get_quantizer(name), example_config(name)
-    report = quantize_model(lm.model, name, cfg, store if q.uses_hessian(cfg) else None)
+    calib = torch.randint(0, len(lm.tokenizer), (4, 16), generator=torch.Generator().manual_seed(1))
+    report = quantize_model(
+        lm.model,
+        name,
+        cfg,
+        store if q.uses_hessian(cfg) else None,
+        windows=lambda n=None, ctx=None: calib[:n, :ctx],  # methods that learn a transform (SpinQuant)
+    )
     ids = torch.randint(0, len(lm.tokenizer), (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = lm.model(ids).logits

@@ -1,0 +1,326 @@
+"""Whole-model rotations (QuaRot, SpinQuant, ButterflyQuant): norm fusion, R1 and R2.
+
+Why: a residual-stream rotation R1 spreads outlier channels over all channels, so every linear
+that reads or writes the stream sees incoherent weights and quantizes better — and the float
+model computes exactly the same function, because RMSNorm commutes with orthogonal maps:
+``rms(h R) = rms(h)``.  Row-vector convention throughout: the rotated stream is ``h' = h R1``.
+
+What changes, for a block of a pre-norm decoder (Llama, Mistral, Qwen2/3, Gemma 1):
+
+* **Norm fusion.**  A norm ``n(h) = n0(h)·diag(γ)`` feeding linears W (q/k/v, gate/up) becomes
+  the weightless ``n0`` and ``W ← W·diag(γ)``; the final norm's γ goes into ``lm_head``.  Gemma
+  norms scale by ``1 + w``: γ = 1 + w, and w is set to 0.  Tied embeddings are untied first
+  (``lm_head`` becomes ``E·diag(γ)·R1``, the embedding ``E·R1``): one more float vocab × d matrix.
+* **R1.**  ``E ← E R1``; readers ``W ← W R1`` (input side); writers o/down ``W ← R1ᵀ W`` (output
+  side, their biases ``b ← b R1``).
+* **R2** (one per block, head_dim × head_dim): each value head ``v ← v R2`` (``W_v`` rows of a head
+  ``← R2ᵀ W_v``), so the attention output per head is rotated and o_proj reads it through
+  ``W_o[:, head] ← W_o[:, head] R2``.  Softmax weights are scalars per head: exact.
+* **Sandwich norms** (Gemma 2/3 ``post_attention_layernorm`` / ``post_feedforward_layernorm``
+  normalize a block's output *before* the residual add).  No diagonal γ survives a rotation
+  there, so o/down stay unrotated on the output side and the post-norm becomes
+  :class:`DenseNorm`, ``n0(y)·diag(γ)·R1``: a float d × d matrix applied online, twice per
+  block (Gemma-3-270M: 2 · 640² = 0.82 M multiply-adds per token per block, +15 % of a block's
+  linear work).  That is the only online cost of these rotations.
+
+Not done here: QuaRot/SpinQuant's online Hadamards R3 (on q/k after RoPE, for a quantized KV
+cache) and R4 (before down_proj, for quantized activations): q2lab quantizes weights only, and
+down_proj keeps its own basis (its Hessian is unchanged).
+
+Calibration is never rerun: each quantized linear reads an input ``x' = x·A`` with a known map A
+(``A = diag(γ)⁻¹ R1`` for readers of a fused norm, ``A = blockdiag(R2)`` for o_proj), so its
+Hessian is ``Aᵀ H A`` from the shared store (:class:`q2lab.calib.derived.DerivedHessians`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from q2lab.errors import ModelError, ShapeError
+from q2lab.models.arch import find_decoder
+from q2lab.transforms.hadamard import factor, hadamard_matrix, random_signs
+
+
+@dataclass(frozen=True)
+class NormPlan:
+    """Where the norms of one block architecture sit and which linears they feed."""
+
+    attn_in: str
+    mlp_in: str
+    attn_out: str | None  # sandwich post-norms (Gemma 2/3), None for plain pre-norm blocks
+    mlp_out: str | None
+    offset: float  # 1.0 when the norm scales by (1 + w) (Gemma), else 0.0
+    attn_readers: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    mlp_readers: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")
+    attn_writer: str = "self_attn.o_proj"
+    mlp_writer: str = "mlp.down_proj"
+    value: str = "self_attn.v_proj"
+
+
+_PRE = NormPlan("input_layernorm", "post_attention_layernorm", None, None, 0.0)
+_GEMMA = NormPlan("input_layernorm", "post_attention_layernorm", None, None, 1.0)
+_SANDWICH = NormPlan(
+    "input_layernorm",
+    "pre_feedforward_layernorm",
+    "post_attention_layernorm",
+    "post_feedforward_layernorm",
+    1.0,
+)
+PLANS: dict[str, NormPlan] = {
+    "llama": _PRE,
+    "mistral": _PRE,
+    "qwen2": _PRE,
+    "qwen3": _PRE,
+    "gemma": _GEMMA,
+    "gemma2": _SANDWICH,
+    "gemma3_text": _SANDWICH,
+    "gemma3": _SANDWICH,
+}
+
+
+class DenseNorm(nn.Module):
+    """``y ↦ n0(y)·M``: an RMSNorm whose diagonal scale became a dense d × d matrix (a rotated
+    sandwich norm).  Computed in at least float32, like Gemma's norms, and cast back to the input
+    dtype; the matrix is stored in the model's dtype."""
+
+    def __init__(self, matrix: torch.Tensor, eps: float, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(matrix.to(dtype), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.to(torch.promote_types(x.dtype, torch.float32))
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y @ self.weight.to(y.dtype)).type_as(x)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}"
+
+
+@dataclass
+class Rotated:
+    """What :func:`rotate_model` did: the input map of each quantizable linear (full module
+    name → ``(A, unseen)``, see :data:`q2lab.calib.derived.InputMap`; absent = identity) and
+    notes for the report."""
+
+    input_maps: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+    untied: bool = False
+    dense_norms: list[str] = field(default_factory=list)
+    dead_channels: int = 0  # norm channels with scale exactly 0 (their Hessian is a stand-in)
+
+    def notes(self) -> list[str]:
+        out = ["norm scales fused into the linears that read them; residual stream rotated by R1"]
+        if self.untied:
+            out.append("tied embeddings untied by the rotation: lm_head is a separate float matrix")
+        if self.dead_channels:
+            out.append(
+                f"{self.dead_channels} norm channels have scale 0: their rotated second moment is "
+                "the mean of the others (the store cannot see them)"
+            )
+        if self.dense_norms:
+            out.append(f"{len(self.dense_norms)} sandwich norms became dense d×d float maps (DenseNorm)")
+        return out
+
+
+def plan_for(model: nn.Module) -> NormPlan:
+    """The norm plan of ``model``'s architecture, or one clear error naming the supported ones."""
+    config = getattr(model, "config", None)
+    model_type = getattr(getattr(config, "get_text_config", lambda: config)(), "model_type", None)
+    model_type = model_type or getattr(config, "model_type", "?")
+    if model_type not in PLANS:
+        raise ModelError(
+            f"rotations cannot fuse the norms of model type {model_type!r}: supported are "
+            f"{', '.join(sorted(PLANS))} (pre-norm RMSNorm decoders, and Gemma's sandwich norms)"
+        )
+    return PLANS[model_type]
+
+
+def random_hadamard(n: int, seed: int) -> torch.Tensor:
+    """QuaRot's fixed rotation: ``diag(s)·H_n/√n`` with seeded random signs s (float64, n × n).
+    Non-power-of-two n uses the Kronecker constructions of :mod:`q2lab.transforms.hadamard`."""
+    factor(n)  # one clear error for a width with no Hadamard construction
+    return random_signs(n, seed).double()[:, None] * hadamard_matrix(n)
+
+
+def random_orthogonal(n: int, seed: int) -> torch.Tensor:
+    """A Haar-random orthogonal n × n matrix (QR of a seeded Gaussian, signs fixed), float64."""
+    g = torch.Generator().manual_seed(int(seed))
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))[None, :]
+
+
+def _check_orthogonal(r: torch.Tensor, n: int, what: str) -> torch.Tensor:
+    if tuple(r.shape) != (n, n):
+        raise ShapeError(f"{what} must be {n} × {n}, got {tuple(r.shape)}")
+    r = r.double()
+    err = float((r.T @ r - torch.eye(n, dtype=torch.float64)).abs().max())
+    if err > 1e-6:
+        raise ShapeError(f"{what} is not orthogonal (max |RᵀR − I| = {err:.2e})")
+    return r
+
+
+def _gamma(norm: nn.Module, offset: float) -> torch.Tensor:
+    w = getattr(norm, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.ndim != 1:
+        raise ModelError(f"cannot fuse {type(norm).__name__}: it has no per-channel weight")
+    return w.detach().double() + offset
+
+
+def _reset(norm: nn.Module, offset: float) -> None:
+    with torch.no_grad():
+        norm.weight.fill_(1.0 - offset)
+
+
+def _set(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    with torch.no_grad():
+        linear.weight.copy_(weight.to(linear.weight.dtype))
+        if bias is not None and linear.bias is not None:
+            linear.bias.copy_(bias.to(linear.bias.dtype))
+
+
+def _untie(model: nn.Module) -> bool:
+    """Give ``lm_head`` its own weight if it shares the embedding's; returns whether it did."""
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or head.weight is not emb.weight:
+        return False
+    head.weight = nn.Parameter(emb.weight.detach().clone())
+    for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        cfg.tie_word_embeddings = False
+    return True
+
+
+def _head_dim(attn: nn.Module, v: nn.Linear) -> tuple[int, int]:
+    hd = getattr(attn, "head_dim", None)
+    if not isinstance(hd, int) or v.out_features % hd:
+        raise ModelError(f"cannot rotate value heads: head_dim {hd!r} does not divide {v.out_features}")
+    return hd, v.out_features // hd
+
+
+@torch.no_grad()
+def rotate_model(
+    model: nn.Module, r1: torch.Tensor, r2: torch.Tensor | list[torch.Tensor] | None = None
+) -> Rotated:
+    """Fuse the norms of ``model`` and rotate it in place by R1 (d × d) and R2 (head_dim ×
+    head_dim, one for all blocks or a list with one per block; None = no R2).  The float model
+    computes the same logits; the returned maps derive each linear's Hessian from the store."""
+    plan = plan_for(model)
+    layout = find_decoder(model)
+    emb = model.get_input_embeddings()
+    d = emb.weight.shape[1]
+    r1 = _check_orthogonal(r1, d, "R1")
+    r2s = _per_block(r2, len(layout))
+    out = Rotated(untied=_untie(model))
+    # Embedding rows are residual-stream vectors; Gemma's √d embedding scale is a scalar.
+    emb.weight.copy_((emb.weight.double() @ r1).to(emb.weight.dtype))
+    final = _final_norm(model, layout)
+    head = model.get_output_embeddings()
+    _set(head, head.weight.double() * _gamma(final, plan.offset)[None, :] @ r1)
+    _reset(final, plan.offset)
+    for b, block in enumerate(layout.layers):
+        _rotate_block(block, plan, r1, r2s[b], out, lambda n, b=b: layout.full_name(b, n))
+    return out
+
+
+def _per_block(r2, blocks: int) -> list[torch.Tensor | None]:
+    if r2 is None or isinstance(r2, torch.Tensor):
+        return [r2] * blocks
+    if len(r2) != blocks:
+        raise ShapeError(f"R2 needs one matrix per block ({blocks}), got {len(r2)}")
+    return list(r2)
+
+
+def _final_norm(model: nn.Module, layout) -> nn.Module:
+    owner = model.get_submodule(layout.layers_path.rsplit(".", 1)[0]) if "." in layout.layers_path else model
+    norm = getattr(owner, "norm", None)
+    if norm is None:
+        raise ModelError(f"cannot find the final norm next to {layout.layers_path} (expected `.norm`)")
+    return norm
+
+
+def _rotate_block(block, plan: NormPlan, r1, r2, out: Rotated, full) -> None:
+    for norm_name, readers in ((plan.attn_in, plan.attn_readers), (plan.mlp_in, plan.mlp_readers)):
+        norm = block.get_submodule(norm_name)
+        gamma = _gamma(norm, plan.offset)
+        dead = gamma == 0  # a channel the norm zeroes: invisible to the store, not to R1's mix
+        inv = torch.where(
+            dead, torch.zeros_like(gamma), 1.0 / torch.where(dead, torch.ones_like(gamma), gamma)
+        )
+        # One map object per norm: its readers share one derived Hessian.
+        found = (inv[:, None] * r1, r1[dead] if bool(dead.any()) else None)
+        out.dead_channels += int(dead.sum())
+        for name in readers:
+            lin = block.get_submodule(name)
+            _set(lin, lin.weight.double() * gamma[None, :] @ r1)
+            out.input_maps[full(name)] = found
+        _reset(norm, plan.offset)
+    for writer, post in ((plan.attn_writer, plan.attn_out), (plan.mlp_writer, plan.mlp_out)):
+        lin = block.get_submodule(writer)
+        if post is None:  # pre-norm block: the writer's output joins the rotated stream
+            bias = None if lin.bias is None else lin.bias.double() @ r1
+            _set(lin, r1.T @ lin.weight.double(), bias)
+        else:  # sandwich norm: rotate after normalizing
+            norm = block.get_submodule(post)
+            matrix = _gamma(norm, plan.offset)[:, None] * r1
+            dense = DenseNorm(matrix, float(getattr(norm, "eps", 1e-6)), norm.weight.dtype)
+            block.set_submodule(post, dense)
+            out.dense_norms.append(full(post))
+    if r2 is not None:
+        _rotate_heads(block, plan, r2, out, full)
+
+
+def _rotate_heads(block, plan: NormPlan, r2: torch.Tensor, out: Rotated, full) -> None:
+    v = block.get_submodule(plan.value)
+    o = block.get_submodule(plan.attn_writer)
+    hd, kv_heads = _head_dim(block.get_submodule(plan.value.rsplit(".", 1)[0]), v)
+    r2 = _check_orthogonal(r2, hd, "R2")
+    wv = v.weight.double().reshape(kv_heads, hd, -1)
+    bias = None if v.bias is None else (v.bias.double().reshape(kv_heads, hd) @ r2).reshape(-1)
+    _set(v, torch.einsum("ji,hjk->hik", r2, wv).reshape(v.weight.shape), bias)
+    heads = o.in_features // hd
+    blockdiag = torch.block_diag(*[r2] * heads)
+    _set(o, o.weight.double() @ blockdiag)
+    out.input_maps[full(plan.attn_writer)] = (blockdiag, None)
+
+
+def cayley_step(
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    lr: float,
+    momentum: torch.Tensor | None = None,
+    beta: float = 0.0,
+    max_angle: float | None = None,
+) -> torch.Tensor:
+    """One Cayley SGD step on the orthogonal group (SpinQuant's optimizer, Li et al. 2020).
+
+    The Riemannian gradient's skew generator ``W = G Xᵀ − X Gᵀ`` (optionally averaged into
+    ``momentum`` in place, ``m ← β m + W``) moves X along the Cayley curve
+    ``X ← (I + lr/2·m)⁻¹ (I − lr/2·m) X``, which is orthogonal for any step size because m is
+    skew: rotations stay rotations without projection.  To first order the step is
+    ``X − lr·(G − X Gᵀ X)``, gradient descent on the manifold.  ``max_angle`` caps the step so
+    that no plane turns by more than that many radians (the Cayley map of ``lr·m`` turns by
+    ``2·atan(lr·σ/2)`` for each singular value σ of m): the gradient's scale changes by orders
+    of magnitude with the bit width, a fixed lr would either crawl or jump at random.
+    """
+    x64, g64 = x.detach().double(), grad.detach().double()
+    w = g64 @ x64.T - x64 @ g64.T
+    if momentum is not None:
+        momentum.mul_(beta).add_(w.to(momentum.dtype))
+        w = momentum.double()
+    if max_angle is not None:
+        sigma = float(torch.linalg.matrix_norm(w, 2))
+        if sigma > 0:
+            lr = min(lr, 2.0 * math.tan(max_angle / 2.0) / sigma)
+    eye = torch.eye(x.shape[0], dtype=torch.float64, device=x.device)
+    step = torch.linalg.solve(eye + 0.5 * lr * w, (eye - 0.5 * lr * w) @ x64)
+    return step.to(x.dtype)
+
+
+def nearest_orthogonal(x: torch.Tensor) -> torch.Tensor:
+    """The orthogonal matrix nearest to ``x`` (polar factor ``U Vᵀ`` of its SVD), float64: removes
+    the float32 drift of many Cayley steps before the rotation is applied."""
+    u, _, vh = torch.linalg.svd(x.double())
+    return u @ vh
