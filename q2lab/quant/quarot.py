@@ -58,6 +58,15 @@ def rotated_store(store: Any, done: rotate.Rotated) -> DerivedHessians:
     return DerivedHessians(store, done.input_maps)
 
 
+def initial_rotations(model: torch.nn.Module, cfg: QuaRotConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """QuaRot's seeded R1 (d × d) and R2 (head_dim × head_dim, None without ``rotate_heads``);
+    SpinQuant starts its learning from them."""
+    d = model.get_input_embeddings().weight.shape[1]
+    r1 = make_rotation(cfg.rotation, d, 2 * cfg.seed)
+    r2 = make_rotation(cfg.rotation, head_dim_of(model), 2 * cfg.seed + 1) if cfg.rotate_heads else None
+    return r1, r2
+
+
 @register()
 class QuaRot(GPTQ):
     name = "quarot"
@@ -65,9 +74,8 @@ class QuaRot(GPTQ):
     summary = "QuaRot: random Hadamard rotations R1 (residual) + R2 (heads), norms fused, then GPTQ"
 
     def prepare_model(self, model, cfg: QuaRotConfig, store, windows=None) -> tuple[Any, list[str]]:
-        d = model.get_input_embeddings().weight.shape[1]
-        r1 = make_rotation(cfg.rotation, d, 2 * cfg.seed)
-        r2 = make_rotation(cfg.rotation, head_dim_of(model), 2 * cfg.seed + 1) if cfg.rotate_heads else None
+        r1, r2 = initial_rotations(model, cfg)
         done = rotate.rotate_model(model, r1, r2)
+        d = r1.shape[0]
         notes = [f"QuaRot: {cfg.rotation} R1 ({d}×{d}){' and R2 per head' if r2 is not None else ''}"]
         return rotated_store(store, done), notes + done.notes()

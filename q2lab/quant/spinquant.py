@@ -35,7 +35,7 @@ from q2lab.errors import ConfigError
 from q2lab.models.arch import find_decoder
 from q2lab.quant import uniform
 from q2lab.quant.base import option, register, require_ints
-from q2lab.quant.quarot import QuaRot, QuaRotConfig, head_dim_of, make_rotation, rotated_store
+from q2lab.quant.quarot import QuaRot, QuaRotConfig, initial_rotations, rotated_store
 from q2lab.transforms import rotate
 from q2lab.utils.progress import progress
 
@@ -180,9 +180,7 @@ class SpinQuant(QuaRot):
     def prepare_model(self, model, cfg: SpinQuantConfig, store, windows=None) -> tuple[Any, list[str]]:
         if cfg.steps and windows is None:
             raise ConfigError("spinquant learns its rotations on calibration windows: none were given")
-        d = model.get_input_embeddings().weight.shape[1]
-        r1 = make_rotation(cfg.rotation, d, 2 * cfg.seed)
-        r2 = make_rotation(cfg.rotation, head_dim_of(model), 2 * cfg.seed + 1) if cfg.rotate_heads else None
+        r1, r2 = initial_rotations(model, cfg)
         notes = []
         r2s: torch.Tensor | list[torch.Tensor] | None = r2
         if cfg.steps:
