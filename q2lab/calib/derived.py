@@ -18,8 +18,12 @@ from q2lab.errors import ShapeError
 # A linear's input map: ``(A, unseen)``.  ``A`` maps the original input to the new one, x' = x·A.
 # ``unseen`` (k × in, or None) are directions of the new input whose second moment the store
 # cannot hold: a norm channel with scale exactly 0 is invisible in the original input, but not in
-# the rotated one (Gemma-3-270M has one such channel in most of its pre-FFN norms).  They get
-# the mean second moment of the seen channels, ``tr(AᵀHA)/(in − k)`` each, and no correlations.
+# the rotated one (Gemma-3-270M has one such channel in most of its pre-FFN norms — the channel of
+# its massive activations, which the norm exists to silence).  The new input is RMS-normalized,
+# so each token's squared norm is ``in`` (up to the norm's ε): the unseen directions share what
+# the seen channels leave of ``n·in``, equally, with no correlations.  (The mean of the seen
+# channels would be ≈ 600× too small there, and GPTQ would leave the largest errors exactly
+# where the largest activations are.)
 InputMap = tuple[torch.Tensor, "torch.Tensor | None"]
 
 
@@ -58,8 +62,9 @@ class DerivedHessians:
 
 
 def derive(h: Hessian, a: torch.Tensor, unseen: torch.Tensor | None = None) -> Hessian:
-    """``Aᵀ H A`` in float64, symmetrized (the rounding of two products is not), plus the stand-in
-    second moment of the ``unseen`` directions (see :data:`InputMap`)."""
+    """``Aᵀ H A`` in float64, symmetrized (the rounding of two products is not), plus the second
+    moment of the ``unseen`` directions that RMS normalization implies (see :data:`InputMap`; when
+    the seen channels already account for nearly all of it, their mean instead)."""
     if a.shape[0] != h.dim:
         raise ShapeError(f"an input map of shape {tuple(a.shape)} does not fit a {h.dim}-wide Hessian")
     a = a.to(torch.float64)
@@ -67,6 +72,8 @@ def derive(h: Hessian, a: torch.Tensor, unseen: torch.Tensor | None = None) -> H
     xtx = 0.5 * (xtx + xtx.T)
     if unseen is not None and len(unseen):
         u = unseen.to(torch.float64)
-        fill = torch.trace(xtx) / max(xtx.shape[0] - u.shape[0], 1)
+        rest = (h.n * xtx.shape[0] - torch.trace(xtx)) / u.shape[0]
+        mean_seen = torch.trace(xtx) / max(xtx.shape[0] - u.shape[0], 1)
+        fill = rest if float(rest) > float(mean_seen) * 1e-3 else mean_seen
         xtx = xtx + fill * (u.T @ u)
     return Hessian(xtx, h.n)

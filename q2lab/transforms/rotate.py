@@ -118,8 +118,8 @@ class Rotated:
             out.append("tied embeddings untied by the rotation: lm_head is a separate float matrix")
         if self.dead_channels:
             out.append(
-                f"{self.dead_channels} norm channels have scale 0: their rotated second moment is "
-                "the mean of the others (the store cannot see them)"
+                f"{self.dead_channels} norm channels have scale 0: the store cannot see them; their "
+                "rotated second moment is what RMS normalization leaves of the others'"
             )
         if self.dense_norms:
             out.append(f"{len(self.dense_norms)} sandwich norms became dense d×d float maps (DenseNorm)")
