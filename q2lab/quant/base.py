@@ -77,6 +77,11 @@ class MethodConfig:
         d = dataclasses.asdict(self)
         if d.get("preset", 0) is None:  # no preset: the dict (and cell ids hashed from it) as before presets
             d.pop("preset")
+        for f in dataclasses.fields(self):
+            # An option added after records existed leaves the dict (and the cell ids hashed from
+            # it) as it was while it holds its default.
+            if f.metadata.get("added_later") and d.get(f.name) == f.default:
+                d.pop(f.name)
         return d
 
     @classmethod
@@ -103,9 +108,11 @@ def require_ints(cfg: Any, names: tuple[str, ...], minimum: int) -> None:
             raise ConfigError(f"{name} must be {what}, got {v!r}")
 
 
-def option(default: Any, help: str, **kw: Any) -> Any:
-    """A config field with help text shown by ``q2lab methods``."""
-    return field(default=default, metadata={"help": help}, **kw)
+def option(default: Any, help: str, added_later: bool = False, **kw: Any) -> Any:
+    """A config field with help text shown by ``q2lab methods``.  ``added_later``: the option joined
+    a method that already has recorded results; at its default it is left out of ``to_dict``, so
+    those records' cell ids still match."""
+    return field(default=default, metadata={"help": help, "added_later": added_later}, **kw)
 
 
 def _coerce(name: str, hint: Any, value: Any, method: str) -> Any:

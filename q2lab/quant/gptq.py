@@ -149,7 +149,13 @@ class GPTQ(StackedQuantizer):
 
     def quantize_stack(self, weights, hessian, cfg: GPTQConfig) -> list[QuantizedTensor]:
         stacked = weights[0] if len(weights) == 1 else torch.cat([w.float() for w in weights])
-        codes, scales, zeros, perm, layout = gptq_quantize(stacked, hessian, cfg)
+        return self.encode_stack(weights, gptq_quantize(stacked, hessian, cfg), cfg)
+
+    def encode_stack(
+        self, weights, result, cfg: GPTQConfig, extra_meta: dict | None = None
+    ) -> list[QuantizedTensor]:
+        """Store a stacked :func:`gptq_quantize` result as one tensor per weight of the stack."""
+        codes, scales, zeros, perm, layout = result
         return uniform.encode_rows(
             self.name,
             codes,
@@ -160,6 +166,7 @@ class GPTQ(StackedQuantizer):
             layout=layout,
             symmetric=cfg.symmetric,
             perm=perm,
+            extra_meta=extra_meta,
         )
 
     def dequantize(self, qt: QuantizedTensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from q2lab.errors import ConfigError
 from q2lab.quant.base import option, register
 from q2lab.quant.gptq import GPTQ, GPTQConfig
 from q2lab.transforms import rotate
+from q2lab.transforms.hadamard import is_supported
 
 ROTATIONS = ("hadamard", "orthogonal")
 
@@ -35,6 +36,11 @@ class QuaRotConfig(GPTQConfig):
         "hadamard", "R1/R2 kind: 'hadamard' (random signs × Hadamard) or 'orthogonal' (Haar)"
     )
     rotate_heads: bool = option(True, "also rotate each value/output head by R2 (head_dim × head_dim)")
+    fix_zero_scale: bool = option(
+        False,
+        "keep residual channels that a pre-norm scales by 0 (massive-activation channels) out of R1",
+        added_later=True,
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -58,13 +64,44 @@ def rotated_store(store: Any, done: rotate.Rotated) -> DerivedHessians:
     return DerivedHessians(store, done.input_maps)
 
 
+def fixed_channels(model: torch.nn.Module, cfg: QuaRotConfig) -> torch.Tensor:
+    """Residual channels R1 must leave alone (empty unless ``fix_zero_scale`` finds some)."""
+    if not cfg.fix_zero_scale:
+        return torch.zeros(0, dtype=torch.long)
+    return rotate.zero_scale_channels(model)
+
+
 def initial_rotations(model: torch.nn.Module, cfg: QuaRotConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
     """QuaRot's seeded R1 (d × d) and R2 (head_dim × head_dim, None without ``rotate_heads``);
-    SpinQuant starts its learning from them."""
+    SpinQuant starts its learning from them.  Channels :func:`fixed_channels` names stay out of
+    R1; the others get the rotation of their count — a Haar one when no Hadamard matrix of that
+    size exists (640 − 1 = 639 on Gemma-3-270M)."""
     d = model.get_input_embeddings().weight.shape[1]
-    r1 = make_rotation(cfg.rotation, d, 2 * cfg.seed)
+    fixed = fixed_channels(model, cfg)
+    free = d - int(fixed.numel())
+    # Fixed channels leave an odd count (637 on Gemma-3-270M): Haar there.  Without any, an
+    # unsupported width stays the clear error make_rotation raises.
+    kind = (
+        "orthogonal"
+        if fixed.numel() and cfg.rotation == "hadamard" and not is_supported(free)
+        else cfg.rotation
+    )
+    r1 = make_rotation(kind, free, 2 * cfg.seed)
+    if fixed.numel():
+        r1 = rotate.fix_channels(r1, fixed, d)
     r2 = make_rotation(cfg.rotation, head_dim_of(model), 2 * cfg.seed + 1) if cfg.rotate_heads else None
     return r1, r2
+
+
+def fixed_note(model: torch.nn.Module, cfg: QuaRotConfig) -> list[str]:
+    fixed = fixed_channels(model, cfg)
+    if not fixed.numel():
+        return []
+    free = int(model.get_input_embeddings().weight.shape[1] - fixed.numel())
+    kind = (
+        " (Haar: no Hadamard of that size)" if cfg.rotation == "hadamard" and not is_supported(free) else ""
+    )
+    return [f"R1 leaves {fixed.numel()} zero-scale residual channel(s) {fixed.tolist()[:8]} unrotated{kind}"]
 
 
 @register()
@@ -75,7 +112,8 @@ class QuaRot(GPTQ):
 
     def prepare_model(self, model, cfg: QuaRotConfig, store, windows=None) -> tuple[Any, list[str]]:
         r1, r2 = initial_rotations(model, cfg)
-        done = rotate.rotate_model(model, r1, r2)
         d = r1.shape[0]
         notes = [f"QuaRot: {cfg.rotation} R1 ({d}×{d}){' and R2 per head' if r2 is not None else ''}"]
+        notes += fixed_note(model, cfg)  # before the rotation resets the norms
+        done = rotate.rotate_model(model, r1, r2)
         return rotated_store(store, done), notes + done.notes()

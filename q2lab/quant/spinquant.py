@@ -35,7 +35,14 @@ from q2lab.errors import ConfigError
 from q2lab.models.arch import find_decoder
 from q2lab.quant import uniform
 from q2lab.quant.base import option, register, require_ints
-from q2lab.quant.quarot import QuaRot, QuaRotConfig, initial_rotations, rotated_store
+from q2lab.quant.quarot import (
+    QuaRot,
+    QuaRotConfig,
+    fixed_channels,
+    fixed_note,
+    initial_rotations,
+    rotated_store,
+)
 from q2lab.transforms import rotate
 from q2lab.utils.progress import progress
 
@@ -131,10 +138,17 @@ def _effective(lin: _Linear, r1: torch.Tensor, r2: torch.Tensor | None, cfg: Spi
 
 
 def learn_rotations(
-    model: nn.Module, r1: torch.Tensor, r2: torch.Tensor | None, windows: torch.Tensor, cfg: SpinQuantConfig
+    model: nn.Module,
+    r1: torch.Tensor,
+    r2: torch.Tensor | None,
+    windows: torch.Tensor,
+    cfg: SpinQuantConfig,
+    fixed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor] | None, dict[str, Any]]:
     """Cayley SGD on R1 (and one R2 per block) minimizing the fake-quantized model's next-token
-    loss on ``windows``; returns the learned rotations (float64, orthogonal) and statistics."""
+    loss on ``windows``; returns the learned rotations (float64, orthogonal) and statistics.
+    Channels ``fixed`` stay fixed: their rows and columns of R1's gradient are zeroed, so the
+    Cayley generator is zero there and every step is the identity on them."""
     plan = rotate.plan_for(model)
     lins = _linears(model, plan)
     blocks = 1 + max(lin.block for lin in lins)
@@ -156,6 +170,9 @@ def learn_rotations(
         for p in params:
             p.grad = None
         out.loss.backward()
+        if fixed is not None and fixed.numel():
+            r1.grad[fixed, :] = 0.0
+            r1.grad[:, fixed] = 0.0
         losses.append(float(out.loss.detach()))
         with torch.no_grad():
             for p, m in zip(params, moms):
@@ -181,11 +198,11 @@ class SpinQuant(QuaRot):
         if cfg.steps and windows is None:
             raise ConfigError("spinquant learns its rotations on calibration windows: none were given")
         r1, r2 = initial_rotations(model, cfg)
-        notes = []
+        notes = fixed_note(model, cfg)
         r2s: torch.Tensor | list[torch.Tensor] | None = r2
         if cfg.steps:
             data = windows(cfg.windows, cfg.ctx or None)
-            r1, r2s, stats = learn_rotations(model, r1, r2, data, cfg)
+            r1, r2s, stats = learn_rotations(model, r1, r2, data, cfg, fixed_channels(model, cfg))
             notes.append(
                 f"SpinQuant: {stats['steps']} Cayley SGD steps on {len(data)} × {data.shape[1]} windows, "
                 f"fake-quantized CE {stats['loss_first']} → {stats['loss_last']} (mean of the last 8), "

@@ -248,3 +248,27 @@ def fake_quant(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bo
             scale, zero = grid_params(g, bits, symmetric)
             parts.append(from_grid(round_to_grid(g, scale, zero, bits), scale, zero))
     return w + (torch.cat(parts, dim=1).to(w.dtype) - w).detach()
+
+
+def fake_quant_lsq(w: torch.Tensor, bits: int, group_size: int | None) -> torch.Tensor:
+    """``w`` rounded to its asymmetric min/max grid per group, with LSQ-style gradients: the
+    rounding is straight-through but each group's step (max − min)/(2^b − 1) stays in the graph.
+
+    Why not :func:`fake_quant`: there the rounding error is a constant to the gradient, so a
+    transform learned layer-wise (butterfly rotations) could only move a fixed error around.
+    Here the error ``s·round(w/s) − w`` responds to the range the transform leaves each group —
+    the quantity rotations exist to shrink.  Forward values equal min/max RTN without fp16
+    rounding of the scales."""
+    layout = GroupLayout.make(w.shape[1], group_size)
+    maxq = float((1 << bits) - 1)
+    parts = []
+    for s, e in layout.bounds():
+        g = w[:, s:e]
+        lo = torch.clamp(g.min(dim=1, keepdim=True).values, max=0.0)
+        hi = torch.clamp(g.max(dim=1, keepdim=True).values, min=0.0)
+        scale = torch.clamp((hi - lo) / maxq, min=1e-12)
+        zero = torch.round(-lo / scale).detach()
+        u = g / scale
+        r = u + (torch.round(u) - u).detach()
+        parts.append((torch.clamp(r + zero, 0.0, maxq) - zero) * scale)
+    return torch.cat(parts, dim=1)

@@ -46,6 +46,38 @@ class Butterfly(nn.Module):
         self.register_buffer("base", base, persistent=True)
         self.skew = nn.Parameter(torch.zeros(p, p)) if p > 1 else None
 
+    @classmethod
+    def from_params(cls, n: int, angles: torch.Tensor, skew: torch.Tensor | None) -> Butterfly:
+        """The butterfly a stored ``(angles, skew)`` pair stands for (as :meth:`params` gave them)."""
+        b = cls(n)
+        if tuple(angles.shape) != tuple(b.angles.shape) or (skew is None) != (b.skew is None):
+            raise ValueError(f"stored butterfly parameters do not fit size {n}")
+        with torch.no_grad():
+            b.angles.copy_(angles.float())
+            if b.skew is not None and skew is not None:
+                iu = torch.triu_indices(b.p, b.p, offset=1)
+                if skew.numel() != iu.shape[1]:
+                    raise ValueError(f"stored butterfly parameters do not fit size {n}")
+                b.skew.zero_()
+                b.skew[iu[0], iu[1]] = skew.float().reshape(-1)
+        return b
+
+    def params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What defines the matrix: the angles and, for n = p·2^k with p > 1, the strict upper
+        triangle of the skew generator (the only entries :meth:`base_factor` reads), detached."""
+        skew = None
+        if self.skew is not None:
+            iu = torch.triu_indices(self.p, self.p, offset=1)
+            skew = self.skew.detach()[iu[0], iu[1]].clone()
+        return self.angles.detach().clone(), skew
+
+    def round_params_(self, dtype: torch.dtype = torch.float16) -> None:
+        """Round the parameters to ``dtype`` values in place, so a matrix rebuilt from parameters
+        stored in that dtype is bit-identical to this one."""
+        with torch.no_grad():
+            for prm in self.parameters():
+                prm.copy_(prm.to(dtype).float())
+
     @property
     def n_params(self) -> int:
         """Free parameters: the butterfly's angles and the p-factor's p(p−1)/2 rotation generators."""
@@ -68,13 +100,24 @@ class Butterfly(nn.Module):
             y = torch.einsum("ij,rjs->ris", self.base_factor(y.dtype), y)
         return y.reshape(*lead, self.n)
 
-    def _stage(self, y: torch.Tensor, stage: int) -> torch.Tensor:
-        """Rotate each pair (i, i + 2^stage) of the 2^k digit by its angle."""
+    def apply_t(self, x: torch.Tensor) -> torch.Tensor:
+        """``Bᵀ x`` for each row vector x (the inverse of :meth:`apply`): the p-factor transposed and
+        the stages in reverse order with their angles negated (the two act on different digits)."""
+        lead = x.shape[:-1]
+        y = x.reshape(-1, self.p, self.s)
+        if self.p > 1:
+            y = torch.einsum("ji,rjs->ris", self.base_factor(y.dtype), y)
+        for stage in reversed(range(self.stages)):
+            y = self._stage(y, stage, -1.0)
+        return y.reshape(*lead, self.n)
+
+    def _stage(self, y: torch.Tensor, stage: int, sign: float = 1.0) -> torch.Tensor:
+        """Rotate each pair (i, i + 2^stage) of the 2^k digit by its angle (times ``sign``)."""
         half = 1 << stage
         rows, p, s = y.shape
         blocks = y.reshape(rows, p, s // (2 * half), 2, half)
         a, b = blocks[:, :, :, 0, :], blocks[:, :, :, 1, :]
-        theta = self.angles[stage].to(y.dtype).reshape(s // (2 * half), half)
+        theta = sign * self.angles[stage].to(y.dtype).reshape(s // (2 * half), half)
         c, sn = torch.cos(theta), torch.sin(theta)
         out = torch.stack((c * a - sn * b, sn * a + c * b), dim=3)
         return out.reshape(rows, p, s)

@@ -153,6 +153,38 @@ def random_orthogonal(n: int, seed: int) -> torch.Tensor:
     return q * torch.sign(torch.diagonal(r))[None, :]
 
 
+def zero_scale_channels(model: nn.Module) -> torch.Tensor:
+    """Residual-stream channels that some pre-norm scales by exactly 0 (sorted indices).
+
+    Why they matter: such a norm annihilates the channel for its readers, and models use that to
+    park massive activations (Gemma-3-270M: in most pre-FFN norms, thousands of times the other
+    channels' size).  A rotation that mixes the channel into the others leaves the readers to
+    cancel it through W·R1 — exact in float, destroyed by 2-bit rounding.  Rotations keep these
+    channels fixed (:func:`fix_channels`)."""
+    plan = plan_for(model)
+    layout = find_decoder(model)
+    d = model.get_input_embeddings().weight.shape[1]
+    dead = torch.zeros(d, dtype=torch.bool)
+    for block in layout.layers:
+        for norm_name in (plan.attn_in, plan.mlp_in):
+            dead |= _gamma(block.get_submodule(norm_name), plan.offset).cpu() == 0
+    return torch.nonzero(dead).flatten()
+
+
+def fix_channels(r: torch.Tensor, fixed: torch.Tensor, d: int) -> torch.Tensor:
+    """The d × d rotation that is the identity on channels ``fixed`` and ``r`` ((d − k) × (d − k))
+    on the others, in their order."""
+    rest = torch.ones(d, dtype=torch.bool)
+    rest[fixed] = False
+    free = int(rest.sum())
+    if tuple(r.shape) != (free, free):
+        raise ShapeError(f"rotation of the free channels must be {free} × {free}, got {tuple(r.shape)}")
+    out = torch.eye(d, dtype=torch.float64)
+    idx = torch.nonzero(rest).flatten()
+    out[idx[:, None], idx[None, :]] = r.double()
+    return out
+
+
 def _check_orthogonal(r: torch.Tensor, n: int, what: str) -> torch.Tensor:
     if tuple(r.shape) != (n, n):
         raise ShapeError(f"{what} must be {n} × {n}, got {tuple(r.shape)}")

@@ -66,3 +66,15 @@ def test_angles_learn():
 def test_a_size_with_no_hadamard_base_is_one_clear_error():
     with pytest.raises(UnsupportedSizeError, match="no Hadamard transform of size 92"):
         Butterfly(92)
+
+
+@pytest.mark.parametrize("n", [64, 576])
+def test_apply_t_is_the_inverse(n):
+    b = Butterfly(n)
+    with torch.no_grad():
+        b.angles.uniform_(-1, 1, generator=torch.Generator().manual_seed(2))
+        if b.skew is not None:
+            b.skew.normal_(generator=torch.Generator().manual_seed(3))
+    x = torch.randn(5, n, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    assert torch.allclose(b.apply_t(x), x @ b.dense(), atol=1e-12)
+    assert torch.allclose(b.apply_t(b.apply(x)), x, atol=1e-12)

@@ -71,6 +71,7 @@ CKPT_MODEL = dict(hidden_size=256, intermediate_size=256, num_hidden_layers=1)
 EXAMPLE_OPTIONS: dict[str, dict] = {
     "llamacpp": {"file_type": "Q4_K_M"},
     "spinquant": {"steps": 2, "windows": 2},  # the learning is tested in tests/unit/test_rotations.py
+    "butterfly": {"steps": 5},  # the learning is tested in tests/unit/test_butterfly_method.py
     "mixed": {
         "base": {"method": "gptq", "bits": 3},
         "rules": [
@@ -82,7 +83,14 @@ EXAMPLE_OPTIONS: dict[str, dict] = {
 
 CHECKS = ("config", "bits", "forward", "checkpoint", "error")
 # (method, check) → why the method cannot satisfy it.  Runs as a strict xfail (AssertionError).
-EXEMPT: dict[tuple[str, str], str] = {}
+EXEMPT: dict[tuple[str, str], str] = {
+    ("butterfly", "error"): (
+        "each matrix stores its learned rotation (fp16 Givens angles, n/2·log2 n of them): on the "
+        "contract's small matrix that is +1.02 bpw over GPTQ at a slightly higher SQNR (2 bits: "
+        "8.65 vs 8.54 dB), and the rate–distortion floor charges it as if spent on the weights "
+        "(on SmolLM2's linears it is +0.022 bpw)"
+    ),
+}
 
 SWEEP_BITS = (2, 3, 4)
 FORWARD_RTOL = 1e-5  # float32: max |layer(x) − F.linear(x, W_q, b)| ≤ FORWARD_RTOL · max |F.linear(...)|

@@ -268,3 +268,56 @@ def test_a_rotation_method_cannot_be_part_of_a_mix():
         make_config("mixed", {"base": {"method": "gptq", "bits": 2}, "rules": rules})
     with pytest.raises(ConfigError, match="spinquant, which transforms the whole model"):
         make_config("mixed", {"base": {"method": "spinquant", "bits": 2}})
+
+
+def _massive_channel_model(channel: int = 5):
+    """A tiny Gemma-3 whose pre-FFN norms zero one channel that carries a massive activation, as
+    Gemma-3-270M's do."""
+    lm = make_tiny_model("gemma3", seed=8, tie_word_embeddings=True)
+    _perturb_norms(lm.model)
+    with torch.no_grad():
+        for block in find_decoder(lm.model).layers:
+            block.pre_feedforward_layernorm.weight[channel] = -1.0  # γ = 1 + w = 0
+        lm.model.get_input_embeddings().weight[:, channel] *= 300.0
+    return lm
+
+
+@pytest.mark.parametrize("fix", [True, False])
+def test_quarot_keeps_zero_scale_channels_out_of_r1(fix):
+    """With the channel fixed, every MLP reader's quantized weight is exactly 0 on it (the norm
+    annihilates it, and so does the rounded layer); mixed into R1, rounding breaks the
+    cancellation and the massive channel leaks into the MLP."""
+    lm = _massive_channel_model()
+    assert rotate.zero_scale_channels(lm.model).tolist() == [5]
+    ids = _ids(12, n=4, ctx=32)
+    store = _Store(_hessians(lm.model, ids))
+    cfg = make_config("quarot", {"bits": 2, "group_size": 32, "fix_zero_scale": fix})
+    layers = find_decoder(lm.model).layers
+    report = quantize_model(lm.model, "quarot", cfg, store)
+    assert any("1 zero-scale residual channel(s) [5] unrotated (Haar" in n for n in report.notes) == fix
+    for block in layers:
+        col = block.mlp.gate_proj.weight_dequantized(torch.float32)[:, 5]
+        assert (float(col.abs().max()) == 0.0) == fix
+
+
+def test_the_fix_option_leaves_earlier_cell_ids_alone():
+    """``fix_zero_scale`` joined QuaRot after records existed: at its default the config dict
+    (which cell ids hash) is the one those records have."""
+    assert "fix_zero_scale" not in make_config("quarot", {"bits": 2}).to_dict()
+    assert "fix_zero_scale" not in make_config("quarot", {"bits": 2, "fix_zero_scale": False}).to_dict()
+    assert make_config("quarot", {"bits": 2, "fix_zero_scale": True}).to_dict()["fix_zero_scale"] is True
+
+
+def test_spinquant_learning_leaves_fixed_channels_unrotated():
+    from q2lab.quant.spinquant import SpinQuantConfig, learn_rotations
+
+    lm = make_tiny_model("llama", seed=3)
+    _perturb_norms(lm.model)
+    cfg = SpinQuantConfig(bits=2, group_size=32, steps=5, lr=0.5, max_angle=0.2)
+    fixed = torch.tensor([2, 40])
+    r1 = rotate.fix_channels(rotate.random_orthogonal(62, 0), fixed, 64)
+    l1, _, _ = learn_rotations(lm.model, r1, None, _windows(2)(), cfg, fixed)
+    eye = torch.eye(64, dtype=torch.float64)
+    assert float((l1[fixed] - eye[fixed]).abs().max()) < 1e-12
+    assert float((l1[:, fixed] - eye[:, fixed]).abs().max()) < 1e-12
+    assert float((l1 - r1).abs().max()) > 1e-3  # the rest did learn

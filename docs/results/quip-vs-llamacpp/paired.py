@@ -8,7 +8,8 @@ q2lab.study.compare.compare_rows (the report's own machinery).
     python docs/results/quip-vs-llamacpp/paired.py docs/results/quip-vs-llamacpp/results.jsonl
 
 Other studies: name the cells' method prefixes after the file (every bit width is then kept),
-e.g. ``paired.py docs/results/mixed-2bit/results.jsonl quip# mixed``.
+e.g. ``paired.py docs/results/mixed-2bit/results.jsonl quip# mixed``; ``--same-bits`` pairs only
+cells of one bit width.
 """
 
 from __future__ import annotations
@@ -28,11 +29,18 @@ METRICS = (
 )
 
 
-def main(path: str, prefixes: tuple[str, ...] = ()) -> None:
+def _bits(cell: str) -> str:
+    return next(
+        (part for part in cell.split("/", 1)[1].split("-") if part[:1] == "b" and part[1:].isdigit()), ""
+    )
+
+
+def main(path: str, prefixes: tuple[str, ...] = (), same_bits: bool = False) -> None:
     pairs_of = prefixes or PAIRS_OF
     # the command that regenerates this output (tests/unit/test_docs_numbers.py reruns it)
+    flag = ["--same-bits"] if same_bits else []
     print(
-        f"<!-- generated: python docs/results/quip-vs-llamacpp/paired.py {' '.join([path, *prefixes])} -->\n"
+        f"<!-- generated: python docs/results/quip-vs-llamacpp/paired.py {' '.join([*flag, path, *prefixes])} -->\n"
     )
     rows = load_results(path)
     by = {(r["model"], r["cell"], r["task"], r["metric"]): r for r in rows if "cell" in r}
@@ -45,9 +53,11 @@ def main(path: str, prefixes: tuple[str, ...] = ()) -> None:
             key=lambda c: next(i for i, m in enumerate(pairs_of) if c.split("/", 1)[1].startswith(m))
         )
         print(f"## {model}\n")
-        print("\n".join(pairwise_table(by, model, list(combinations(two_bit, 2)), list(METRICS))))
+        pairs = [(a, b) for a, b in combinations(two_bit, 2) if not same_bits or _bits(a) == _bits(b)]
+        print("\n".join(pairwise_table(by, model, pairs, list(METRICS))))
         print()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], tuple(sys.argv[2:]))
+    args = [a for a in sys.argv[1:] if a != "--same-bits"]
+    main(args[0], tuple(args[1:]), same_bits="--same-bits" in sys.argv[1:])
