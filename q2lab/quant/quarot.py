@@ -26,14 +26,16 @@ from q2lab.quant.gptq import GPTQ, GPTQConfig
 from q2lab.transforms import rotate
 from q2lab.transforms.hadamard import is_supported
 
-ROTATIONS = ("hadamard", "orthogonal")
+ROTATIONS = ("hadamard", "orthogonal", "identity")
 
 
 @dataclass
 class QuaRotConfig(GPTQConfig):
     seed: int = option(0, "seed of the random rotations R1 and R2")
     rotation: str = option(
-        "hadamard", "R1/R2 kind: 'hadamard' (random signs × Hadamard) or 'orthogonal' (Haar)"
+        "hadamard",
+        "R1/R2 kind: 'hadamard' (random signs × Hadamard), 'orthogonal' (Haar) or 'identity' "
+        "(norms fused, nothing rotated: an ablation)",
     )
     rotate_heads: bool = option(True, "also rotate each value/output head by R2 (head_dim × head_dim)")
     fix_zero_scale: bool = option(
@@ -51,6 +53,10 @@ class QuaRotConfig(GPTQConfig):
 
 
 def make_rotation(kind: str, n: int, seed: int) -> torch.Tensor:
+    """A seeded n × n rotation of ``kind``; ``identity`` is the ablation that fuses the norms into
+    the linears (and derives their Hessians) but rotates nothing."""
+    if kind == "identity":
+        return torch.eye(n, dtype=torch.float64)
     return rotate.random_hadamard(n, seed) if kind == "hadamard" else rotate.random_orthogonal(n, seed)
 
 

@@ -321,3 +321,18 @@ def test_spinquant_learning_leaves_fixed_channels_unrotated():
     assert float((l1[fixed] - eye[fixed]).abs().max()) < 1e-12
     assert float((l1[:, fixed] - eye[:, fixed]).abs().max()) < 1e-12
     assert float((l1 - r1).abs().max()) > 1e-3  # the rest did learn
+
+
+def test_identity_rotation_only_fuses_the_norms():
+    """The ablation ``rotation: identity``: readers become W·diag(γ), writers are unchanged."""
+    from q2lab.quant.base import get_quantizer
+
+    lm = make_tiny_model("llama", seed=6)
+    _perturb_norms(lm.model)
+    block = find_decoder(lm.model).layers[0]
+    q, o = block.self_attn.q_proj.weight.detach().clone(), block.self_attn.o_proj.weight.detach().clone()
+    gamma = block.input_layernorm.weight.detach().clone()
+    cfg = make_config("quarot", {"bits": 2, "rotation": "identity"})
+    get_quantizer("quarot").prepare_model(lm.model, cfg, _Store({}))
+    assert torch.allclose(block.self_attn.q_proj.weight, q * gamma[None, :], atol=1e-6)
+    assert torch.allclose(block.self_attn.o_proj.weight, o, atol=1e-6)
