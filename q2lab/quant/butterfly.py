@@ -46,7 +46,7 @@ from q2lab.quant import uniform
 from q2lab.quant.base import QuantizedTensor, option, register, require_ints
 from q2lab.quant.gptq import GPTQ, GPTQConfig, gptq_quantize
 from q2lab.transforms.butterfly import Butterfly
-from q2lab.transforms.hadamard import pack_signs, unpack_signs
+from q2lab.transforms.hadamard import pack_signs, random_signs, unpack_signs
 
 # Eigen-directions of H the uniformity regularizer reads (its top ones; the rest of H's energy is
 # what every rotation spreads anyway).
@@ -70,22 +70,13 @@ class ButterflyConfig(GPTQConfig):
             raise ConfigError(f"uniformity must be a non-negative number, got {self.uniformity!r}")
 
 
-def random_signs(n: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 2, (n,), generator=g).to(torch.float64) * 2 - 1
-
-
 def conjugate(bf: Butterfly, h: torch.Tensor) -> torch.Tensor:
     """``B·h·Bᵀ`` for a symmetric h (two row transforms: h·Bᵀ, then B·(h·Bᵀ))."""
     return bf.apply(bf.apply(h).T)
 
 
-def uniformity(h: torch.Tensor) -> torch.Tensor:
-    """Squared coefficient of variation of the per-channel input energies diag(h)."""
-    return energy_uniformity(torch.diagonal(h))
-
-
 def energy_uniformity(d: torch.Tensor) -> torch.Tensor:
+    """Squared coefficient of variation of per-channel input energies ``d`` (diag of a Hessian)."""
     return d.var(unbiased=False) / d.mean().clamp_min(1e-30) ** 2
 
 
@@ -97,20 +88,19 @@ def hessian_root(h: torch.Tensor, rank: int) -> torch.Tensor:
     return (vals[top].clamp_min(0).sqrt()[:, None] * vecs[:, top].T).to(h.dtype)
 
 
-def objective(
-    bf: Butterfly, wd: torch.Tensor, hd: torch.Tensor, cfg: ButterflyConfig, root: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(relative RTN proxy loss, uniformity) of the rows ``wd`` (signs applied) after ``bf``.
-
-    The loss is tr(E' H' E'ᵀ) computed in the input's own basis, tr((E'B) H_d (E'B)ᵀ): mapping
-    the rows' error back costs O(rows · n log n) where forming H' would cost O(n² log n)."""
+def proxy_loss(bf: Butterfly, wd: torch.Tensor, hd: torch.Tensor, cfg: ButterflyConfig) -> torch.Tensor:
+    """Relative RTN proxy loss tr(E' H' E'ᵀ) / tr(W H Wᵀ) of the rows ``wd`` (signs applied) after
+    ``bf``, computed in the input's own basis, tr((E'B) H_d (E'B)ᵀ): mapping the rows' error back
+    costs O(rows · n log n) where forming H' would cost O(n² log n)."""
     wp = bf.apply(wd)
     back = bf.apply_t(wp - uniform.fake_quant_lsq(wp, cfg.bits, cfg.group_size))
     ref = ((wd @ hd) * wd).sum().clamp_min(1e-30)
-    rec = ((back @ hd) * back).sum() / ref
-    if root is None:
-        return rec, uniformity(conjugate(bf, hd))
-    return rec, energy_uniformity((bf.apply(root) ** 2).sum(0))
+    return ((back @ hd) * back).sum() / ref
+
+
+def rotated_uniformity(bf: Butterfly, root: torch.Tensor) -> torch.Tensor:
+    """The uniformity regularizer of H' = B·H·Bᵀ, from a root of H (:func:`hessian_root`)."""
+    return energy_uniformity((bf.apply(root) ** 2).sum(0))
 
 
 def learn_butterfly(
@@ -129,8 +119,9 @@ def learn_butterfly(
         take = cfg.rows if 0 < cfg.rows < w.shape[0] else w.shape[0]
         for step in range(cfg.steps):
             idx = torch.randperm(w.shape[0], generator=gen)[:take] if take < w.shape[0] else slice(None)
-            rec, uni = objective(bf, wd[idx], hd, cfg, root)
-            loss = rec + cfg.uniformity * uni if cfg.uniformity else rec
+            loss = proxy_loss(bf, wd[idx], hd, cfg)
+            if root is not None:
+                loss = loss + cfg.uniformity * rotated_uniformity(bf, root)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -161,11 +152,9 @@ class ButterflyQuant(GPTQ):
         w = torch.cat([x.detach().float() for x in weights])
         n = w.shape[1]
         h64 = hessian.xtx.double() / max(hessian.n, 1)
-        dead = torch.diagonal(h64) == 0
-        w[:, dead] = (
-            0.0  # inputs that are always zero: their weights are free, and rotating them in would cost range
-        )
-        signs = random_signs(n, cfg.seed)
+        # Inputs that are always zero: their weights are free, and rotating them in would cost range.
+        w[:, torch.diagonal(h64) == 0] = 0.0
+        signs = random_signs(n, cfg.seed).double()
         t0 = time.time()
         bf, stats = learn_butterfly(w, h64.float(), signs, cfg)
         wp, hp = transformed(bf, w, h64, signs)

@@ -77,22 +77,20 @@ def fixed_channels(model: torch.nn.Module, cfg: QuaRotConfig) -> torch.Tensor:
     return rotate.zero_scale_channels(model)
 
 
+def _r1_kind(cfg: QuaRotConfig, free: int, fixed: int) -> str:
+    """R1's kind on the ``free`` channels: fixed channels leave an odd count (637 on Gemma-3-270M),
+    Haar there; without any, an unsupported width stays the clear error make_rotation raises."""
+    return "orthogonal" if fixed and cfg.rotation == "hadamard" and not is_supported(free) else cfg.rotation
+
+
 def initial_rotations(model: torch.nn.Module, cfg: QuaRotConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
     """QuaRot's seeded R1 (d × d) and R2 (head_dim × head_dim, None without ``rotate_heads``);
     SpinQuant starts its learning from them.  Channels :func:`fixed_channels` names stay out of
-    R1; the others get the rotation of their count — a Haar one when no Hadamard matrix of that
-    size exists (640 − 1 = 639 on Gemma-3-270M)."""
+    R1; the others get the rotation of their count (:func:`_r1_kind`)."""
     d = model.get_input_embeddings().weight.shape[1]
     fixed = fixed_channels(model, cfg)
     free = d - int(fixed.numel())
-    # Fixed channels leave an odd count (637 on Gemma-3-270M): Haar there.  Without any, an
-    # unsupported width stays the clear error make_rotation raises.
-    kind = (
-        "orthogonal"
-        if fixed.numel() and cfg.rotation == "hadamard" and not is_supported(free)
-        else cfg.rotation
-    )
-    r1 = make_rotation(kind, free, 2 * cfg.seed)
+    r1 = make_rotation(_r1_kind(cfg, free, int(fixed.numel())), free, 2 * cfg.seed)
     if fixed.numel():
         r1 = rotate.fix_channels(r1, fixed, d)
     r2 = make_rotation(cfg.rotation, head_dim_of(model), 2 * cfg.seed + 1) if cfg.rotate_heads else None
@@ -104,9 +102,8 @@ def fixed_note(model: torch.nn.Module, cfg: QuaRotConfig) -> list[str]:
     if not fixed.numel():
         return []
     free = int(model.get_input_embeddings().weight.shape[1] - fixed.numel())
-    kind = (
-        " (Haar: no Hadamard of that size)" if cfg.rotation == "hadamard" and not is_supported(free) else ""
-    )
+    haar = _r1_kind(cfg, free, int(fixed.numel())) != cfg.rotation
+    kind = " (Haar: no Hadamard of that size)" if haar else ""
     return [f"R1 leaves {fixed.numel()} zero-scale residual channel(s) {fixed.tolist()[:8]} unrotated{kind}"]
 
 
