@@ -26,6 +26,7 @@ import math
 import torch
 from torch import nn
 
+from q2lab.errors import ShapeError
 from q2lab.transforms.hadamard import base_matrix, factor
 
 
@@ -51,13 +52,13 @@ class Butterfly(nn.Module):
         """The butterfly a stored ``(angles, skew)`` pair stands for (as :meth:`params` gave them)."""
         b = cls(n)
         if tuple(angles.shape) != tuple(b.angles.shape) or (skew is None) != (b.skew is None):
-            raise ValueError(f"stored butterfly parameters do not fit size {n}")
+            raise ShapeError(f"stored butterfly parameters do not fit size {n}")
         with torch.no_grad():
             b.angles.copy_(angles.float())
             if b.skew is not None and skew is not None:
                 iu = torch.triu_indices(b.p, b.p, offset=1)
                 if skew.numel() != iu.shape[1]:
-                    raise ValueError(f"stored butterfly parameters do not fit size {n}")
+                    raise ShapeError(f"stored butterfly parameters do not fit size {n}")
                 b.skew.zero_()
                 b.skew[iu[0], iu[1]] = skew.float().reshape(-1)
         return b

@@ -78,3 +78,13 @@ def test_apply_t_is_the_inverse(n):
     x = torch.randn(5, n, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     assert torch.allclose(b.apply_t(x), x @ b.dense(), atol=1e-12)
     assert torch.allclose(b.apply_t(b.apply(x)), x, atol=1e-12)
+
+
+def test_stored_parameters_of_the_wrong_size_are_one_clear_error():
+    from q2lab.errors import ShapeError
+
+    angles, skew = Butterfly(576).params()
+    with pytest.raises(ShapeError, match="do not fit size 640"):
+        Butterfly.from_params(640, angles, skew)
+    with pytest.raises(ShapeError, match="do not fit size 576"):
+        Butterfly.from_params(576, angles, skew[:-1])
