@@ -15,6 +15,7 @@ from typing import Any
 from q2lab.calib.store import MANIFEST, CalibSpec, HessianStore, calibration_windows
 from q2lab.calib.store import calibrate as _calibrate
 from q2lab.errors import ConfigError
+from q2lab.eval.distill import distill_data
 from q2lab.eval.records import Record
 from q2lab.eval.tasks import Evaluator, check_data, parse_task
 from q2lab.finetune import finetuner
@@ -88,7 +89,7 @@ def quantize(
         method,
         cfg,
         store,
-        tuner=finetuner(loaded, store, cfg),
+        tuner=finetuner(loaded, store, cfg, teacher_data=distill_data(loaded, cfg)),
         windows=None
         if store is None
         else lambda n=None, ctx=None: calibration_windows(loaded, store, n, ctx),

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from q2lab.finetune.train import _held_out, fit
+from q2lab.finetune.train import fit, held_out
 from q2lab.quant.base import Quantizer, get_quantizer
 from q2lab.quant.linear import QuantLinear
 from q2lab.quant.vq import v_step
@@ -134,7 +134,7 @@ def pv_fit(
         if changed == 0 and p_loss >= b:  # neither step moved: converged
             break
     if before is None:
-        before = best = _held_out(loss_of, valid_ids)
+        before = best = held_out(loss_of, valid_ids)
     return before, best, rounds
 
 
@@ -160,7 +160,7 @@ def _v_step(
     for scale in V_STEP_SCALES:
         changed = sum(layer.v_step(v_frac, v_lr * scale) for layer in layers)
         if changed:
-            v = _held_out(loss_of, valid_ids)
+            v = held_out(loss_of, valid_ids)
             if v < best[0]:
                 best = (v, changed, v_lr * scale, [layer.codes() for layer in layers])
         for layer, codes in zip(layers, saved):

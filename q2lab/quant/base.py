@@ -242,6 +242,12 @@ class Quantizer(ABC):
         nothing."""
         return store, []
 
+    def finish_model(self, model: torch.nn.Module, cfg: MethodConfig) -> list[str]:
+        """A whole-model step run once after every block is rounded and any tuner has finished
+        (UPQ turns the INT4 layers its training left into INT2).  Returns notes for the report;
+        the default changes nothing."""
+        return []
+
     def pv_view(self, qt: QuantizedTensor) -> Any:
         """The layer opened for PV-tuning (:class:`q2lab.quant.vq.PVView`: continuous tensors,
         discrete codes, a differentiable decode and the write-back), or ``None`` when the

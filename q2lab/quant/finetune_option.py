@@ -63,30 +63,106 @@ class FinetuneConfig:
     @classmethod
     def parse(cls, value: Any) -> FinetuneConfig | None:
         """``None``/``false``/``{}``-less spellings → off; a mapping → validated options."""
-        if value is None or value is False:
-            return None
-        if value is True:
-            return cls()
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"finetune must be a mapping of options or null, got {value!r}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown finetune option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-            )
-        vals = dict(value)
-        for key in ("lr", "v_lr", "v_frac"):
-            if isinstance(vals.get(key), str):  # YAML reads 1e-3 as a string
-                try:
-                    vals[key] = float(vals[key])
-                except ValueError as e:
-                    raise ConfigError(f"finetune.{key} must be a number, got {vals[key]!r}") from e
-        return cls(**vals)
+        return parse_section(cls, "finetune", value, ("lr", "v_lr", "v_frac"))
 
     @property
     def n_valid(self) -> int:
         return min(self.windows - 1, max(1, round(self.windows * self.valid)))
+
+
+def parse_section(cls: Any, section: str, value: Any, float_keys: tuple[str, ...]) -> Any:
+    """A training section of a method config (``finetune:``, ``qat:``): ``None``/``false`` → off,
+    ``true`` → defaults, a mapping → ``cls`` validated, unknown keys named with the known ones."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return cls()
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{section} must be a mapping of options or null, got {value!r}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown {section} option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+    vals = dict(value)
+    for key in float_keys:
+        if isinstance(vals.get(key), str):  # YAML reads 1e-3 as a string
+            try:
+                vals[key] = float(vals[key])
+            except ValueError as e:
+                raise ConfigError(f"{section}.{key} must be a number, got {vals[key]!r}") from e
+    return cls(**vals)
+
+
+@dataclass(frozen=True)
+class QATConfig:
+    """Options of UPQ's stage 2 (``qat:``): quantization-aware training of the INT2 weights by
+    distillation from the float model (:mod:`q2lab.finetune.qat`)."""
+
+    steps: int = 200  # optimizer steps (one micro-batch of sequences each)
+    micro_batch: int = 4  # sequences per step
+    lr: float = 5e-5  # Adam learning rate of the latent weights and the group scales
+    beta: float = 0.5  # generalized JSD weight: 0 = KL(teacher ‖ student), 1 = KL(student ‖ teacher)
+    data: str = "self"  # "self": the float model answers seed prompts; "text": calibration-corpus windows
+    sequences: int = 256  # distillation sequences (answered prompts, or text windows)
+    lang: str | None = None  # "self": seed prompts in one language ("en"/"pl"); null = both
+    max_new_tokens: int = 192  # "self": the teacher's answer length cap
+    temperature: float | None = 0.7  # "self": teacher sampling temperature; null = greedy
+    ctx: int = 256  # "text": tokens per window
+    topk: int = 64  # teacher distributions cached as top-k log-probs + the tail mass
+    valid: float = 0.1  # held-out fraction of the sequences (loss before/after)
+    seed: int = 0  # prompt draw, teacher sampling, batch order
+    save_every: int = 50  # steps between resumable checkpoints
+    checkpointing: bool = True  # gradient checkpointing (activation memory ∝ one block)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "micro_batch", "sequences", "max_new_tokens", "ctx", "topk", "save_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"qat.{name} must be a positive integer, got {v!r}")
+        if self.sequences < 2:
+            raise ConfigError(f"qat.sequences must be at least 2 (train + held out), got {self.sequences}")
+        if not (
+            isinstance(self.beta, (int, float)) and not isinstance(self.beta, bool) and 0 <= self.beta <= 1
+        ):
+            raise ConfigError(
+                f"qat.beta must be in [0, 1] (0 = forward KL, 1 = reverse KL), got {self.beta!r}"
+            )
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ConfigError(f"qat.lr must be positive, got {self.lr!r}")
+        if self.data not in ("self", "text"):
+            raise ConfigError(
+                f"qat.data must be 'self' (teacher-generated answers) or 'text', got {self.data!r}"
+            )
+        if self.temperature is not None and not (
+            isinstance(self.temperature, (int, float)) and self.temperature > 0
+        ):
+            raise ConfigError(f"qat.temperature must be > 0 or null (greedy), got {self.temperature!r}")
+        if not (isinstance(self.valid, (int, float)) and 0 < self.valid < 1):
+            raise ConfigError(f"qat.valid must be in (0, 1), got {self.valid!r}")
+        if self.lang not in (None, "en", "pl"):
+            raise ConfigError(f"qat.lang must be 'en', 'pl' or null (both), got {self.lang!r}")
+        if not isinstance(self.checkpointing, bool):
+            raise ConfigError(f"qat.checkpointing must be true or false, got {self.checkpointing!r}")
+
+    @classmethod
+    def parse(cls, value: Any) -> QATConfig | None:
+        return parse_section(cls, "qat", value, ("lr", "beta", "temperature", "valid"))
+
+    @property
+    def n_valid(self) -> int:
+        return min(self.sequences - 1, max(1, round(self.sequences * self.valid)))
+
+
+def qat_of(cfg: Any) -> QATConfig | None:
+    """The parsed ``qat`` section of a method config (``None`` when absent or off)."""
+    return QATConfig.parse(getattr(cfg, "qat", None))
+
+
+def needs_tuner(cfg: Any) -> bool:
+    """Whether quantizing with ``cfg`` runs training through ``quantize_model``'s tuner hook."""
+    return finetune_of(cfg) is not None or qat_of(cfg) is not None
 
 
 def finetune_of(cfg: Any) -> FinetuneConfig | None:

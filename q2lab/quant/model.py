@@ -24,7 +24,7 @@ from q2lab.calib.store import HessianStore
 from q2lab.errors import ConfigError
 from q2lab.models.arch import find_decoder
 from q2lab.quant.base import MethodConfig, QuantizedTensor, get_quantizer
-from q2lab.quant.finetune_option import finetune_of
+from q2lab.quant.finetune_option import needs_tuner
 from q2lab.quant.linear import QuantLinear
 from q2lab.utils.progress import progress
 
@@ -196,7 +196,8 @@ def quantize_model(
             run.after_block(b)
     if run is not None:
         report.finetune = run.finish()
-        _recount(model, report)
+    report.notes.extend(quantizer.finish_model(model, cfg))
+    _recount(model, report)
     report.seconds = time.time() - t_start
     quantized = {id(m) for m in model.modules() if isinstance(m, QuantLinear)}
     report.float_params = sum(
@@ -213,7 +214,7 @@ def quantize_model(
 
 def _tuner(model: nn.Module, cfg: MethodConfig, factory: TunerFactory | None) -> BlockTuner | None:
     """The fine-tuning driver when ``cfg`` asks for it (None otherwise)."""
-    if finetune_of(cfg) is None:
+    if not needs_tuner(cfg):
         return None
     if factory is None:
         raise ConfigError(
@@ -224,10 +225,15 @@ def _tuner(model: nn.Module, cfg: MethodConfig, factory: TunerFactory | None) ->
 
 
 def _recount(model: nn.Module, report: QuantReport) -> None:
-    """Layer bits after fine-tuning (tuned gains are stored and counted)."""
+    """Layer bits as stored after fine-tuning (tuned gains are stored and counted) and the
+    method's finishing step; a layer whose storage format changed there (UPQ's INT4 → INT2)
+    has no proxy error of its final weight (the float weight is gone), so none is reported."""
     for lr in report.layers:
         qt = model.get_submodule(lr.name).qtensor
         lr.bits, lr.bpw, lr.codebook_bits = qt.bits(), qt.bpw(), codebook_bits(qt)
+        fmt = storage_format(qt)
+        if fmt != lr.format:
+            lr.format, lr.proxy_rel = fmt, None
 
 
 def _input_groups(

@@ -11,6 +11,9 @@ Grids
 * symmetric: ``w ≈ (q − 2^(b−1))·d`` with one signed fp16 ``d`` per group chosen so that the
   largest-magnitude weight lands exactly on the most negative level (llama.cpp's Q4_0 rule),
   which uses all 2^b levels instead of wasting one.
+* stretched elastic (SEQ, ParetoQ's low-bit grid, used by UPQ): ``w ≈ (q − 2^(b−1) + ½)·s``,
+  levels ±½s, ±1½s, … symmetric about zero with no zero level; one positive fp16 ``s`` per group.
+  Stored as a symmetric grid whose fixed zero point (``meta["zero"]``) is half-integer.
 
 Scales are rounded to fp16 *before* rounding the weights, so what is decoded is exactly what
 was optimised.
@@ -189,7 +192,7 @@ def decode(qt: QuantizedTensor) -> torch.Tensor:
     q = unpack_bits(qt.tensors["codes"], bits, rows * cols).view(rows, cols).float()
     scales = qt.tensors["scales"].float()
     if qt.meta["symmetric"]:
-        zeros = torch.full_like(scales, float(1 << (bits - 1)))
+        zeros = torch.full_like(scales, float(qt.meta.get("zero", 1 << (bits - 1))))
     else:
         zeros = unpack_bits(qt.tensors["zeros"], bits, scales.numel()).view_as(scales).float()
     w = (q - layout.expand(zeros)) * layout.expand(scales)
@@ -272,3 +275,73 @@ def fake_quant_lsq(w: torch.Tensor, bits: int, group_size: int | None) -> torch.
         r = u + (torch.round(u) - u).detach()
         parts.append((torch.clamp(r + zero, 0.0, maxq) - zero) * scale)
     return torch.cat(parts, dim=1)
+
+
+# --------------------------------------------------------------------------- SEQ grid
+def seq_zero(bits: int) -> float:
+    """The SEQ grid's fixed zero point: codes ``q ∈ [0, 2^b)`` decode to ``(q − zero)·s``."""
+    return (1 << (bits - 1)) - 0.5
+
+
+def seq_codes(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """SEQ codes of ``w`` (rows × k) for per-row ``scale`` (rows,) or (rows, 1): the nearest level
+    ``(q − zero)·s`` is ``floor(w/s) + 2^(b−1)``, clamped to the grid."""
+    if scale.ndim == w.ndim - 1:
+        scale = scale.unsqueeze(-1)
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return torch.clamp(torch.floor(w / safe) + (1 << (bits - 1)), 0, (1 << bits) - 1)
+
+
+def seq_fit(
+    w: torch.Tensor, bits: int, layout: GroupLayout, importance: torch.Tensor | None = None
+) -> torch.Tensor:
+    """fp16-exact SEQ scales (rows × groups) minimising each group's squared error (weighted per
+    column by ``importance``): a search over the step ``s = c·max|w| / (2^(b−1) − ½)``, c from
+    1 down to 0.1 in steps of 0.01 — at 2 bits the best step for Gaussian weights is about σ,
+    c ≈ 0.36 on a 65,536-weight row, so the grid must reach far below the range."""
+    w = w.float()
+    top = seq_zero(bits)
+    scales = torch.empty(w.shape[0], layout.count, device=w.device)
+    for gi, (s, e) in enumerate(layout.bounds()):
+        g = w[:, s:e]
+        amax = g.abs().amax(dim=1).clamp_min(1e-8)
+        col_w = None if importance is None else importance[s:e].to(w.device, torch.float32).clamp_min(0)
+        best_err = torch.full((w.shape[0],), float("inf"), device=w.device)
+        best = torch.empty(w.shape[0], device=w.device)
+        for c in torch.linspace(1.0, 0.1, 91).tolist():
+            scale = fp16_round(amax * c / top).clamp_min(6e-8)
+            err = (seq_decode_codes(seq_codes(g, scale, bits), scale, bits) - g).pow(2)
+            err = (err * col_w).sum(1) if col_w is not None else err.sum(1)
+            better = err < best_err
+            best_err, best = torch.where(better, err, best_err), torch.where(better, scale, best)
+        scales[:, gi] = best
+    return scales
+
+
+def seq_decode_codes(q: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    if scale.ndim == q.ndim - 1:
+        scale = scale.unsqueeze(-1)
+    return (q - seq_zero(bits)) * scale
+
+
+def seq_encode(
+    method: str, w: torch.Tensor, scales: torch.Tensor, bits: int, layout: GroupLayout, extra_meta: dict
+) -> QuantizedTensor:
+    """``w`` rounded to the SEQ grid of ``scales`` (rows × groups, fp16-exact) and stored."""
+    full = layout.expand(scales.float())
+    codes = seq_codes(w.float(), full, bits).to(torch.int32)
+    meta = {"zero": seq_zero(bits), "grid": "seq", **extra_meta}
+    return encode(method, codes, scales, scales, bits=bits, layout=layout, symmetric=True, extra_meta=meta)
+
+
+def fake_quant_seq(w: torch.Tensor, scales: torch.Tensor, bits: int, layout: GroupLayout) -> torch.Tensor:
+    """``w`` on the SEQ grid of the learnable ``scales`` (rows × groups), differentiable as in
+    LSQ: the floor is straight-through for ``w`` inside the grid's range (zero gradient past
+    it, where clamping holds the level), and the step ``s`` stays in the graph — ∂ŵ/∂s is
+    ``(q − zero) − w/s`` inside the range and the clamped level outside, which is what lets QAT
+    learn the clipping range.  Forward values equal :func:`seq_encode`'s decode."""
+    s = layout.expand(scales)
+    u = w / s
+    lo, hi = -float(1 << (bits - 1)), float((1 << (bits - 1)) - 1)
+    r = u + (torch.floor(u) - u).detach()
+    return (torch.clamp(r, lo, hi) + 0.5) * s

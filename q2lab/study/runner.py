@@ -25,6 +25,7 @@ import torch
 
 from q2lab.calib.store import HessianStore, calibrate, calibration_windows
 from q2lab.errors import Q2labError
+from q2lab.eval.distill import distill_data
 from q2lab.eval.tasks import Evaluator, TaskSpec
 from q2lab.finetune import finetuner
 from q2lab.models.loader import LoadedModel, load_model
@@ -135,7 +136,9 @@ class _CellContext:
         else:
             candidate = load_model(self.model_name, dtype=self.cfg.dtype)
             assert cell.config is not None
-            tuner = finetuner(candidate, self.store, cell.config)
+            tuner = finetuner(
+                candidate, self.store, cell.config, teacher_data=distill_data(candidate, cell.config)
+            )
             store = self.store
             report = quantize_model(
                 candidate.model,

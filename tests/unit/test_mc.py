@@ -91,6 +91,7 @@ def test_hellaswag_first_staged_item(data_root):
         ("piqa", 1287, 2),
         ("winogrande", 887, 2),
         ("commonsense_qa", 855, 5),
+        ("mmlu", 9829, 4),  # the staged 70 % of the 14,042 test questions (SOURCES.md)
     ],
 )
 def test_task_counts_match_sources(data_root, name, count, n_choices):
@@ -129,6 +130,25 @@ def test_commonsense_qa_and_winogrande(data_root):
         (head + "Maria", "always got the easier cases."),
     ]
     assert wino.context == head
+
+
+def test_mmlu_format_interleaving_and_shots(data_root):
+    """lm-eval's MMLU prompt; items round-robin over the 57 subjects (so a ``limit`` is stratified);
+    the 5-shot variant prefixes each subject's first five dev questions, solved."""
+    head = load_mc_task("mmlu", limit=114)
+    subjects = [it.id.split("/")[0] for it in head.items]
+    assert len(set(subjects[:57])) == 57 and subjects[:57] == subjects[57:]
+    first = head.items[1]  # anatomy's first test question
+    assert first.context.startswith(
+        "The following are multiple choice questions (with answers) about anatomy."
+    )
+    assert first.context.endswith(
+        "\nD. paralysis of the facial muscles, loss of taste, lacrimation and decreased salivation.\nAnswer:"
+    )
+    assert first.choices == ["A", "B", "C", "D"] and first.label == 0
+    five = load_mc_task("mmlu_5shot", limit=57).items[1]
+    assert five.context.count("\nAnswer: ") == 5 and five.context.endswith(first.context.split("\n\n", 1)[1])
+    assert len(load_mc_task("mmlu_5shot", limit=1).files) == 114
 
 
 def test_limit_takes_first_items(data_root):

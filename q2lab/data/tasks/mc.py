@@ -22,6 +22,9 @@ arc_easy        arc_easy/arc_easy.jsonl                     "Question: {q}\\nAns
 arc_challenge   arc_challenge/arc_challenge.jsonl           same as arc_easy
 piqa            piqa/valid.jsonl + piqa/valid-labels.lst    "Question: {goal}\\nAnswer:" + " {sol}"
 commonsense_qa  commonsense_qa/dev_rand_split.jsonl         "Question: {stem}\\nAnswer:" + " {text}"
+mmlu            mmlu/test/*_test.csv (57 subjects)          lm-eval's: subject header, question, "A. …"
+                                                            … "D. …", "Answer:" + " {letter}"
+mmlu_5shot      + mmlu/dev/*_dev.csv                        the same after 5 solved dev questions
 winogrande      winogrande/winogrande.jsonl                 partial: "{sentence up to _, filled}"
                                                             + " {rest of the sentence}"
 ==============  ==========================================  =========================================
@@ -51,7 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from q2lab.data.registry import data_file, hash_files, local_file, looks_like_path
+from q2lab.data.registry import data_file, data_root, hash_files, local_file, looks_like_path
 from q2lab.errors import ConfigError, DataError
 
 GENERIC_SCHEMA = '{"context": str, "choices": [str, ...], "label": int}'
@@ -230,6 +233,59 @@ def _winogrande(paths: list[Path]) -> Iterator[MCItem]:
         yield item
 
 
+_MMLU_LETTERS = ("A", "B", "C", "D")
+MMLU_SHOTS = 5
+
+
+def _mmlu_rows(path: Path) -> list[list[str]]:
+    import csv
+
+    with open(path, encoding="utf-8", newline="") as fh:
+        rows = [r for r in csv.reader(fh) if r]
+    for n, r in enumerate(rows, 1):
+        if len(r) != 6 or r[5].strip() not in _MMLU_LETTERS:
+            raise DataError(
+                f"{path}:{n}: expected question, 4 choices and an answer letter A–D, got {len(r)} fields"
+            )
+    return rows
+
+
+def _mmlu_question(row: list[str], answer: bool) -> str:
+    lines = [row[0].strip(), *(f"{k}. {c.strip()}" for k, c in zip(_MMLU_LETTERS, row[1:5]))]
+    return "\n".join(lines) + "\nAnswer:" + (f" {row[5].strip()}" if answer else "")
+
+
+def _mmlu(paths: list[Path], shots: int) -> Iterator[MCItem]:
+    """MMLU in lm-eval's format: a subject header, ``shots`` solved dev questions, the question
+    with its lettered options, ``Answer:`` — and the letter scored.  Items are interleaved across
+    the 57 subjects (round-robin in file order), so ``limit: N`` keeps a stratified subset."""
+    tests = [p for p in paths if p.name.endswith("_test.csv")]
+    devs = {p.name[: -len("_dev.csv")]: p for p in paths if p.name.endswith("_dev.csv")}
+    per_subject = []
+    for path in tests:
+        subject = path.name[: -len("_test.csv")]
+        topic = subject.replace("_", " ")
+        header = f"The following are multiple choice questions (with answers) about {topic}.\n\n"
+        if shots:
+            if subject not in devs:
+                raise DataError(f"MMLU subject {subject}: no dev file for the {shots}-shot examples")
+            header += "".join(_mmlu_question(r, True) + "\n\n" for r in _mmlu_rows(devs[subject])[:shots])
+        items = [
+            MCItem(
+                header + _mmlu_question(r, False),
+                list(_MMLU_LETTERS),
+                _MMLU_LETTERS.index(r[5].strip()),
+                id=f"{subject}/{i}",
+            )
+            for i, r in enumerate(_mmlu_rows(path))
+        ]
+        per_subject.append(items)
+    for k in range(max((len(x) for x in per_subject), default=0)):
+        for items in per_subject:
+            if k < len(items):
+                yield items[k]
+
+
 def _generic(paths: list[Path]) -> Iterator[MCItem]:
     (path,) = paths
     for n, rec in _jsonl(path):
@@ -272,6 +328,19 @@ TASKS: dict[str, _Spec] = {
         _commonsense_qa,
         'context "Question: {stem}\\nAnswer:", continuation " {choice text}" '
         "(cloze over choice texts; lm-eval's commonsense_qa scores letters instead)",
+    ),
+    "mmlu": _Spec(
+        ("mmlu/test/*_test.csv",),
+        lambda paths: _mmlu(paths, 0),
+        'zero-shot, lm-eval mmlu format: "The following are multiple choice questions (with answers) '
+        'about {subject}.\\n\\n{question}\\nA. …\\nB. …\\nC. …\\nD. …\\nAnswer:", continuation " {letter}"; '
+        "items interleaved across subjects",
+    ),
+    "mmlu_5shot": _Spec(
+        ("mmlu/test/*_test.csv", "mmlu/dev/*_dev.csv"),
+        lambda paths: _mmlu(paths, MMLU_SHOTS),
+        "five-shot (the subject's first 5 dev questions, solved) in the mmlu format; items "
+        "interleaved across subjects",
     ),
     "winogrande": _Spec(
         ("winogrande/winogrande.jsonl",),
@@ -356,11 +425,22 @@ def load_mc_task(name_or_path: str, limit: int | None = None) -> MCTask:
     return MCTask(name, items, hash_files(files), tuple(map(str, files)), spec.prompt, limit, n_available)
 
 
+def _data_files(pattern: str) -> list[Path]:
+    """The staged file, or the sorted files a ``dir/*glob`` pattern matches (an error when none)."""
+    if "*" not in pattern:
+        return [data_file(pattern)]
+    folder, glob = pattern.rsplit("/", 1)
+    files = sorted(data_file(folder).glob(glob))
+    if not files:
+        raise DataError(f"no data files match {data_root() / pattern} (Q2LAB_DATA selects the data folder)")
+    return files
+
+
 def _resolve(name_or_path: str) -> tuple[str, _Spec, list[Path]]:
     key = name_or_path.lower()
     if key in TASKS:
         spec = TASKS[key]
-        return key, spec, [data_file(f) for f in spec.files]
+        return key, spec, [p for f in spec.files for p in _data_files(f)]
     if looks_like_path(name_or_path):
         path = local_file(name_or_path, "multiple-choice task")
         if path.suffix != ".jsonl":
