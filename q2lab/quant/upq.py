@@ -46,6 +46,9 @@ class UPQConfig(GPTQConfig):
     group_size: int | None = option(128, "weights per SEQ step along a row (stage 2)")
     stage1_bits: int = option(4, "bits of the stage-1 GPTQ grid the INT2 weights start from")
     stage1_group_size: int | None = option(128, "group size of the stage-1 GPTQ grid")
+    init: str = option(
+        "mse", "SEQ steps to start from: 'mse' (error fit) or 'max' (the paper's Δ = max|w|, step Δ/2)"
+    )
     qat: Mapping | None = option(
         None,
         "stage 2 by distillation-based QAT: {steps, lr, beta, data: self|text, sequences, ...}; "
@@ -66,6 +69,8 @@ class UPQConfig(GPTQConfig):
         g = self.stage1_group_size
         if g is not None and (not isinstance(g, int) or g < 1):
             raise ConfigError(f"stage1_group_size must be a positive integer or null, got {g!r}")
+        if self.init not in ("mse", "max"):
+            raise ConfigError(f"init must be 'mse' or 'max', got {self.init!r}")
         QATConfig.parse(self.qat)
 
     def stage1(self) -> GPTQConfig:
@@ -91,6 +96,9 @@ def seq_init(w: torch.Tensor, cfg: UPQConfig, importance: torch.Tensor | None = 
     """Stage 2's starting SEQ steps (rows × groups) for the INT4 weight ``w``: the squared-error
     fit, weighted per column by ``importance`` (the Hessian diagonal) when given."""
     layout = uniform.GroupLayout.make(w.shape[1], cfg.group_size)
+    if cfg.init == "max":  # UPQ's: Δ = max|w|, step Δ / 2^(b−1) (2 bits: levels ±¼Δ, ±¾Δ)
+        amax = torch.stack([w[:, s:e].abs().amax(1) for s, e in layout.bounds()], 1)
+        return uniform.fp16_round(amax / (1 << (cfg.bits - 1))).clamp_min(6e-8)
     return uniform.seq_fit(w, cfg.bits, layout, importance)
 
 

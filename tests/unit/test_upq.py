@@ -136,6 +136,17 @@ def _layers(model) -> dict[str, QuantLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
+def test_max_init_is_the_papers_step():
+    """init 'max': UPQ's Δ = max|w| per row (group_size null), step Δ/2 at 2 bits."""
+    from q2lab.quant.upq import seq_init
+
+    w = torch.tensor([[0.4, -2.0, 1.0, 0.1], [0.5, 0.25, -0.125, 0.0]])
+    cfg = make_config("upq", {"group_size": None, "init": "max"})
+    assert seq_init(w, cfg).tolist() == [[1.0], [0.25]]
+    with pytest.raises(ConfigError, match="init must be 'mse' or 'max'"):
+        make_config("upq", {"init": "min"})
+
+
 def test_upq_without_qat_is_int2_seq_at_exact_bpw(setup):
     lm, report = _upq(setup, None)
     layers = _layers(lm.model)
