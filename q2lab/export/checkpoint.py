@@ -27,6 +27,8 @@ from q2lab.transforms.rotate import DenseNorm
 from q2lab.utils.io import atomic_path, write_json_atomic
 from q2lab.utils.provenance import versions
 
+PLAN_FILE = "mixed-plan.yaml"  # auto's plan as a `mixed` method entry
+
 
 def save_checkpoint(loaded: LoadedModel, out: str | Path, report: dict[str, Any] | None = None) -> Path:
     """Write ``loaded`` (quantized in place by :func:`quantize_model`) to folder ``out``."""
@@ -78,4 +80,9 @@ def save_checkpoint(loaded: LoadedModel, out: str | Path, report: dict[str, Any]
         model.config.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
         write_json_atomic(tmp / CHECKPOINT_MANIFEST, manifest)
+        if report and report.get("plan"):  # auto's allocation, editable and rerunnable as `mixed`
+            import yaml
+
+            plan = {k: v for k, v in report["plan"].items() if k != "stats"}
+            (tmp / PLAN_FILE).write_text(yaml.safe_dump(plan, sort_keys=False), encoding="utf-8")
     return out

@@ -248,6 +248,11 @@ class Quantizer(ABC):
         the default changes nothing."""
         return []
 
+    def plan(self, cfg: MethodConfig) -> dict[str, Any] | None:
+        """What the method chose per linear, for the report (``auto``'s allocation as an editable
+        ``mixed`` config, with its statistics); ``None`` for methods that choose nothing."""
+        return None
+
     def pv_view(self, qt: QuantizedTensor) -> Any:
         """The layer opened for PV-tuning (:class:`q2lab.quant.vq.PVView`: continuous tensors,
         discrete codes, a differentiable decode and the write-back), or ``None`` when the

@@ -30,45 +30,47 @@ from torch import nn
 from q2lab.errors import ConfigError
 from q2lab.quant.base import MethodConfig, QuantizedTensor, Quantizer, get_quantizer, make_config, register
 
-_FLOAT = "fp"
+FLOAT = "fp"
 
 
 @dataclass(frozen=True)
-class _Rule:
+class Rule:
     pattern: re.Pattern | None  # None: the base
     method: str
     config: MethodConfig | None  # None: keep float
 
 
-def _parse(spec: Any, where: str, with_match: bool) -> _Rule:
+def parse_entry(spec: Any, where: str, with_match: bool, who: str = "mixed") -> Rule:
+    """One method entry of a mix (``who``: the method reading it), validated: its config built,
+    its ``match`` compiled; ``method: fp`` keeps float."""
     if not isinstance(spec, dict) or "method" not in spec:
-        raise ConfigError(f"mixed: {where} must be a mapping with a 'method' key, got {spec!r}")
+        raise ConfigError(f"{who}: {where} must be a mapping with a 'method' key, got {spec!r}")
     opts = dict(spec)
     method = str(opts.pop("method")).lower()
     pattern = None
     if with_match:
         if "match" not in opts:
-            raise ConfigError(f"mixed: {where} needs 'match', a regular expression on module names")
+            raise ConfigError(f"{who}: {where} needs 'match', a regular expression on module names")
         try:
             pattern = re.compile(str(opts.pop("match")))
         except re.error as e:
-            raise ConfigError(f"mixed: {where} has a bad 'match' pattern ({e})") from e
-    if method == _FLOAT:
+            raise ConfigError(f"{who}: {where} has a bad 'match' pattern ({e})") from e
+    if method == FLOAT:
         if opts:
-            raise ConfigError(f"mixed: {where} keeps layers float and takes no options, got {sorted(opts)}")
-        return _Rule(pattern, method, None)
-    if method == MixedQuantizer.name:
-        raise ConfigError(f"mixed: {where} cannot be mixed itself")
+            raise ConfigError(f"{who}: {where} keeps layers float and takes no options, got {sorted(opts)}")
+        return Rule(pattern, method, None)
+    if method in ("mixed", "auto"):
+        raise ConfigError(f"{who}: {where} cannot be {method} itself")
     if opts.get("finetune") is not None:
-        raise ConfigError(f"mixed: {where} cannot fine-tune (one run cannot serve several methods)")
+        raise ConfigError(f"{who}: {where} cannot fine-tune (one run cannot serve several methods)")
     cfg = make_config(method, opts)
     quantizer = get_quantizer(method)
     if type(quantizer).prepare_model is not Quantizer.prepare_model:
         raise ConfigError(
-            f"mixed: {where} uses {quantizer.name}, which transforms the whole model (rotations) "
+            f"{who}: {where} uses {quantizer.name}, which transforms the whole model (rotations) "
             "before rounding; it cannot be one rule or the base of a mix"
         )
-    return _Rule(pattern, quantizer.name, cfg)
+    return Rule(pattern, quantizer.name, cfg)
 
 
 @dataclass
@@ -98,15 +100,15 @@ class MixedConfig(MethodConfig):
         self.bits = base.config.bits
         super().validate()
 
-    def parsed(self) -> list[_Rule]:
+    def parsed(self) -> list[Rule]:
         """The rules, then the base (pattern None)."""
         return self._parsed
 
-    def _parse_entries(self) -> list[_Rule]:
+    def _parse_entries(self) -> list[Rule]:
         if not isinstance(self.rules, list):
             raise ConfigError(f"mixed: rules must be a list, got {self.rules!r}")
-        rules = [_parse(r, f"rule {i + 1}", True) for i, r in enumerate(self.rules)]
-        return [*rules, _parse(self.base, "base", False)]
+        rules = [parse_entry(r, f"rule {i + 1}", True) for i, r in enumerate(self.rules)]
+        return [*rules, parse_entry(self.base, "base", False)]
 
 
 @register()

@@ -64,6 +64,7 @@ class QuantReport:
     float_params: int = 0
     notes: list[str] = field(default_factory=list)
     finetune: dict[str, Any] | None = None  # statistics of the fine-tuning stages, when run
+    plan: dict[str, Any] | None = None  # a method's per-linear choice (auto: a mixed config + stats)
 
     @property
     def quantized_params(self) -> int:
@@ -111,6 +112,8 @@ class QuantReport:
             d["bpw_no_codebooks"] = self.bpw_no_codebooks
         if self.finetune is not None:
             d["finetune"] = self.finetune
+        if self.plan is not None:
+            d["plan"] = self.plan
         if per_layer:
             d["layers"] = [dataclasses.asdict(lr) for lr in self.layers]
         return d
@@ -180,6 +183,7 @@ def quantize_model(
     t_start = time.time()
     store, prepared = quantizer.prepare_model(model, cfg, store, windows)
     report.notes.extend(prepared)
+    report.plan = quantizer.plan(cfg)
     run = _tuner(model, cfg, tuner)
     assigned = quantizer.layer_methods(model, cfg)
     for b in progress(range(len(layout)), f"quantize {quantizer.name}", len(layout), unit="block"):
@@ -189,7 +193,7 @@ def quantize_model(
         if run is not None:
             run.before_block(b)
         for group, q, c in _assign(
-            layout, b, _input_groups(layout, b, linears, store), assigned, quantizer, cfg
+            layout, b, input_groups(layout, b, linears, store), assigned, quantizer, cfg
         ):
             _quantize_group(model, layout, b, group, linears, q, c, store, report, cache_weight)
         if run is not None:
@@ -236,7 +240,7 @@ def _recount(model: nn.Module, report: QuantReport) -> None:
             lr.format, lr.proxy_rel = fmt, None
 
 
-def _input_groups(
+def input_groups(
     layout, b: int, linears: dict[str, nn.Linear], store: HessianStore | None
 ) -> list[list[str]]:
     """Linears of block ``b`` grouped by shared input (from the store), else one per group."""

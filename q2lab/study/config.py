@@ -22,6 +22,7 @@ validated on load, so a typo fails before any model is loaded.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 from dataclasses import dataclass, field
@@ -210,7 +211,7 @@ def _expand(model: str, entry: Any, source: str) -> list[Cell]:
             raise ConfigError(f"{source}: the fp reference takes no options, got {sorted(entry)}")
         return [Cell(model, method, {}, None, _labels(labels, 1, source)[0])]
     name = get_quantizer(method).name
-    axes = {k: (v if isinstance(v, list) else [v]) for k, v in entry.items()}
+    axes = {k: _axis(v, k in _list_options(name)) for k, v in entry.items()}
     combos = list(itertools.product(*axes.values()))
     names = _labels(labels, len(combos), source)
     cells = []
@@ -218,6 +219,21 @@ def _expand(model: str, entry: Any, source: str) -> list[Cell]:
         options = dict(zip(axes.keys(), combo))
         cells.append(Cell(model, name, options, make_config(name, options), label))
     return cells
+
+
+def _list_options(method: str) -> set[str]:
+    """Options whose value is itself a list (``mixed``'s rules, ``auto``'s candidates)."""
+    return {f.name for f in dataclasses.fields(get_quantizer(method).config_cls) if f.type in ("list", list)}
+
+
+def _axis(value: Any, list_valued: bool) -> list[Any]:
+    """An option's grid axis: a list sweeps, a scalar is one point.  For a list-valued option a
+    list of lists sweeps and any other list is one value (``candidates: [{…}, {…}]``)."""
+    if not isinstance(value, list):
+        return [value]
+    if list_valued and not (value and all(isinstance(v, list) for v in value)):
+        return [value]
+    return value
 
 
 def _labels(value: Any, n: int, source: str) -> list[str | None]:

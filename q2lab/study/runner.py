@@ -194,7 +194,8 @@ class _CellContext:
                 for k in ("proxy_rel_mean", "notes", "quantized_params", "float_params", "formats")
             }
             | ({"bpw_no_codebooks": qinfo["bpw_no_codebooks"]} if "bpw_no_codebooks" in qinfo else {})
-            | ({"finetune": qinfo["finetune"]} if qinfo.get("finetune") else {}),
+            | ({"finetune": qinfo["finetune"]} if qinfo.get("finetune") else {})
+            | ({"plan": qinfo["plan"].get("stats")} if qinfo.get("plan") else {}),
             provenance={
                 "model_fingerprint": cand.info.fingerprint,
                 "model_kind": cand.info.kind,

@@ -72,6 +72,7 @@ EXAMPLE_OPTIONS: dict[str, dict] = {
     "llamacpp": {"file_type": "Q4_K_M"},
     "spinquant": {"steps": 2, "windows": 2},  # the learning is tested in tests/unit/test_rotations.py
     "butterfly": {"steps": 5},  # the learning is tested in tests/unit/test_butterfly_method.py
+    "auto": {"budget": 3.0, "candidates": [{"method": "rtn", "bits": 2}, {"method": "gptq", "bits": 4}]},
     "mixed": {
         "base": {"method": "gptq", "bits": 3},
         "rules": [
