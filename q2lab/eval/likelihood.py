@@ -28,20 +28,45 @@ import torch
 from q2lab.errors import CorruptFileError, ShapeError
 from q2lab.eval.records import Record
 from q2lab.eval.stats import DEFAULT_RESAMPLES, DEFAULT_SEED, UNITS_KEY, UnitScores, bootstrap_ci, ids_sha256
+from q2lab.quant.kv import KVConfig
 from q2lab.utils.io import atomic_path, write_json_atomic
 from q2lab.utils.progress import progress
 
 
 @torch.no_grad()
 def window_logprobs(
-    model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 2
+    model: torch.nn.Module,
+    windows: torch.Tensor,
+    batch_size: int = 2,
+    kv: KVConfig | None = None,
+    kv_bytes: list[int] | None = None,
 ) -> Iterator[torch.Tensor]:
-    """Log-softmax over the vocabulary for positions 0 … ctx−2 of each window (float32)."""
+    """Log-softmax over the vocabulary for positions 0 … ctx−2 of each window (float32).  With
+    ``kv``, each window is fed in chunks of ``kv.group`` tokens through a fresh quantized KV cache
+    (:mod:`q2lab.quant.kv`), so every chunk attends to the quantized past as decoding would; the
+    cache's bytes after each batch go to ``kv_bytes``."""
     device = next(model.parameters()).device
     for i in range(0, windows.shape[0], batch_size):
         x = windows[i : i + batch_size].to(device)
-        logits = model(input_ids=x, use_cache=False).logits[:, :-1]
+        if kv is None:
+            logits = model(input_ids=x, use_cache=False).logits[:, :-1]
+        else:
+            logits = _chunked_logits(model, x, kv, kv_bytes)[:, :-1]
         yield from torch.log_softmax(logits.float(), dim=-1).cpu()
+
+
+def _chunked_logits(model: torch.nn.Module, x: torch.Tensor, kv: KVConfig, kv_bytes: list[int] | None):
+    from q2lab.quant.kv import cache_nbytes, kivi_cache
+    from q2lab.utils.kvcache import cache_kwargs
+
+    cache = kivi_cache(model, kv)
+    parts = [
+        model(input_ids=x[:, s : s + kv.group], use_cache=True, **cache_kwargs(model, cache)).logits
+        for s in range(0, x.shape[1], kv.group)
+    ]
+    if kv_bytes is not None:
+        kv_bytes.append(cache_nbytes(cache))
+    return torch.cat(parts, dim=1)
 
 
 class ReferenceCache:
@@ -95,6 +120,8 @@ class WindowStats:
     kld: list[np.ndarray] = field(default_factory=list)  # per-token KLD(ref ‖ cand)
     top1: list[int] = field(default_factory=list)
     ref_nll: list[float] = field(default_factory=list)
+    kv_bytes_per_token: float | None = None  # with a quantized KV cache: what it held per token
+    kv_float_bytes_per_token: float | None = None  # … and what a float cache would
 
 
 def kl_per_token(ref_lp: torch.Tensor, cand_lp: torch.Tensor) -> torch.Tensor:
@@ -110,8 +137,10 @@ def score_windows(
     windows: torch.Tensor,
     reference: torch.nn.Module | ReferenceCache | None = None,
     desc: str = "ppl/kld",
+    kv: KVConfig | None = None,
 ) -> WindowStats:
-    """One pass over ``windows``: candidate NLL, and KLD/top-1 agreement if a reference is given."""
+    """One pass over ``windows``: candidate NLL, and KLD/top-1 agreement if a reference is given.
+    ``kv`` quantizes the candidate's KV cache (the reference keeps a float one)."""
     stats = WindowStats()
     targets = windows[:, 1:]
     if isinstance(reference, torch.nn.Module):
@@ -122,7 +151,8 @@ def score_windows(
         ref_iter = iter(reference)
     else:
         ref_iter = None
-    cand_iter = window_logprobs(candidate, windows)
+    kv_bytes: list[int] = []
+    cand_iter = window_logprobs(candidate, windows, kv=kv, kv_bytes=kv_bytes)
     for i, lp in enumerate(progress(cand_iter, desc, windows.shape[0], unit="win")):
         tgt = targets[i].unsqueeze(-1)
         stats.nll.append(float(-lp.gather(-1, tgt).double().sum()))
@@ -134,7 +164,23 @@ def score_windows(
             stats.kld.append(kl_per_token(ref_lp, lp).double().numpy())
             stats.top1.append(int((ref_lp.argmax(-1) == lp.argmax(-1)).sum()))
             stats.ref_nll.append(float(-ref_lp.gather(-1, tgt).double().sum()))
+    if kv is not None and kv_bytes:
+        stats.kv_bytes_per_token = sum(kv_bytes) / windows.numel()
+        stats.kv_float_bytes_per_token = _float_kv_bytes_per_token(candidate)
     return stats
+
+
+def _float_kv_bytes_per_token(model: torch.nn.Module) -> float:
+    """What an unquantized cache holds per token: keys and values of every layer in the model's dtype."""
+    cfg = (
+        model.config.get_text_config(decoder=True)
+        if hasattr(model.config, "get_text_config")
+        else model.config
+    )
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    dtype_bytes = next(model.parameters()).element_size()
+    return float(2 * cfg.num_hidden_layers * kv_heads * head_dim * dtype_bytes)
 
 
 def ppl_records(task: str, stats: WindowStats, details: dict) -> list[Record]:

@@ -53,6 +53,9 @@ class TaskSpec:
     temperature: float | None = None  # gen: sample at this temperature (None: greedy)
     seed: int = 0  # gen: sampling seed (per prompt streams, see generation.generate); ifeval: subset seed
     sample: int | None = None  # ifeval: a seeded random subset of N items (after limit)
+    kv: tuple | None = (
+        None  # ppl/kld: the candidate's KV cache quantized, ((bits, b), (group, g), (residual, r))
+    )
 
     @property
     def label(self) -> str:
@@ -73,7 +76,7 @@ class TaskSpec:
 
 
 #: Fields added to TaskSpec later, with the default that leaves a task's key unchanged.
-_LATER_FIELDS: dict[str, Any] = {"chat": None, "temperature": None, "seed": 0, "sample": None}
+_LATER_FIELDS: dict[str, Any] = {"chat": None, "temperature": None, "seed": 0, "sample": None, "kv": None}
 
 
 _OPTION_KEYS = {f.name for f in dataclasses.fields(TaskSpec)} - {"kind", "data"}
@@ -108,6 +111,12 @@ def parse_task(spec: str | dict[str, Any], **defaults: Any) -> TaskSpec:
         raise ConfigError(f"task {name}: seed must be an integer ≥ 0, got {seed!r}")
     if opts.get("chat") is not None and not isinstance(opts["chat"], bool):
         raise ConfigError(f"task {name}: chat must be true, false or null, got {opts['chat']!r}")
+    if opts.get("kv") is not None:
+        from q2lab.quant.kv import KVConfig
+
+        if kind not in ("ppl", "kld"):
+            raise ConfigError(f"task {name}: kv (a quantized KV cache) applies to ppl and kld tasks")
+        opts["kv"] = tuple(sorted(dataclasses.asdict(KVConfig.parse(opts["kv"])).items()))
     for key in ("windows", "ctx", "limit", "max_new_tokens", "batch_size", "sample"):
         v = opts.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):

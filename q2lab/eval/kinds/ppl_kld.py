@@ -12,6 +12,7 @@ from q2lab.data.text import corpus_windows, load_corpus
 from q2lab.errors import ConfigError
 from q2lab.eval.likelihood import ReferenceCache, kld_records, ppl_records, score_windows
 from q2lab.eval.registry import TaskKind, register_kind
+from q2lab.quant.kv import KVConfig
 from q2lab.utils.io import sha256_json
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ class _Likelihood(TaskKind):
         load_corpus(task.data, role="eval")
 
     def shared_pass(self, task: TaskSpec) -> Hashable:
-        return ("likelihood", task.data, task.windows, task.ctx)
+        return ("likelihood", task.data, task.windows, task.ctx, task.kv)
 
     def run(
         self, evaluator: Evaluator, candidate: LoadedModel, tasks: list[TaskSpec], is_reference: bool
@@ -45,7 +46,8 @@ class _Likelihood(TaskKind):
         corpus = load_corpus(task.data, role="eval")
         windows = corpus_windows(candidate, corpus, task.windows, task.ctx)
         reference = _reference_logprobs(evaluator, task, corpus.sha256, windows) if want_kld else None
-        stats = score_windows(candidate.model, windows, reference, desc=f"{task.data} ppl/kld")
+        kv = None if task.kv is None else KVConfig(**dict(task.kv))
+        stats = score_windows(candidate.model, windows, reference, desc=f"{task.data} ppl/kld", kv=kv)
         details = {
             "data": corpus.name,
             "data_sha256": corpus.sha256,
@@ -55,6 +57,13 @@ class _Likelihood(TaskKind):
             "scored": "positions 1..ctx-1 of each window",
             "tokens_scored": int(sum(stats.tokens)),
         }
+        if kv is not None:
+            details["kv"] = {
+                **dict(task.kv),
+                "scored": f"each window fed in chunks of {kv.group} tokens through the quantized cache",
+                "bytes_per_token": stats.kv_bytes_per_token,
+                "float_bytes_per_token": stats.kv_float_bytes_per_token,
+            }
         out: list[Record] = []
         for t in tasks:
             if t.kind == PerplexityKind.name:

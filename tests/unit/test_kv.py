@@ -1,0 +1,141 @@
+"""KV-cache quantization (q2lab/quant/kv.py): exact with a float window covering the sequence,
+error falling with bits, keys per channel beating per-token grouping on outlier channels, the
+stored bytes per token against their closed form, batch-row selection, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from q2lab.errors import ConfigError
+from q2lab.quant.kv import (
+    KVConfig,
+    cache_nbytes,
+    dequantize_keys,
+    dequantize_values,
+    kivi_cache,
+    quantize_keys,
+    quantize_values,
+)
+from q2lab.utils.kvcache import cache_kwargs
+from tests.tiny import make_tiny_model
+
+CHUNK = 16
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return make_tiny_model("llama")
+
+
+@torch.no_grad()
+def _chunked(model, x: torch.Tensor, cfg: KVConfig):
+    """Logits of ``x`` fed in chunks through a quantized cache: later chunks read quantized keys."""
+    cache = kivi_cache(model, cfg)
+    outs = [
+        model(input_ids=x[:, s : s + CHUNK], use_cache=True, **cache_kwargs(model, cache)).logits
+        for s in range(0, x.shape[1], CHUNK)
+    ]
+    return torch.cat(outs, 1), cache
+
+
+def test_a_float_window_over_the_whole_sequence_is_exact(tiny):
+    x = torch.randint(0, 200, (2, 96), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = tiny.model(input_ids=x).logits
+    logits, cache = _chunked(tiny.model, x, KVConfig(bits=2, residual=96, group=32))
+    assert torch.allclose(logits, ref, atol=1e-5) and cache.get_seq_length() == 96
+
+
+def test_error_falls_with_bits(tiny):
+    x = torch.randint(0, 200, (2, 96), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = tiny.model(input_ids=x).logits
+    err = {
+        b: float((_chunked(tiny.model, x, KVConfig(bits=b, residual=0, group=16))[0] - ref).abs().max())
+        for b in (2, 4, 8)
+    }
+    assert err[8] < err[4] < err[2] and err[8] < 1e-2
+
+
+def test_keys_per_channel_beat_per_token_on_outlier_channels():
+    """KIVI's reason for grouping keys by channel: a few channels are large for every token."""
+    g = torch.Generator().manual_seed(2)
+    keys = torch.randn(1, 2, 32, 64, generator=g)
+    keys[..., [3, 17]] *= 20.0
+    per_channel = dequantize_keys(quantize_keys(keys, 2), torch.float32)
+    per_token = dequantize_values(quantize_values(keys, 2, 32), torch.float32)
+    normal = torch.ones(64, dtype=torch.bool)
+    normal[[3, 17]] = False
+
+    def err(y: torch.Tensor) -> float:  # per token, each group's step spans its outlier channel
+        return float((y - keys)[..., normal].pow(2).mean())
+
+    assert err(per_channel) < 0.5 * err(per_token)
+
+
+def test_stored_bytes_per_token_match_the_format(tiny):
+    """After the window flushes, bytes = float window + per token and head: keys d·b/8 plus a
+    channel's fp16 scale and b-bit zero per group of g tokens; values d·b/8 plus (2 + b/8) per
+    group of g channels."""
+    b, g = 2, 16
+    cfg = tiny.model.config
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    heads, layers = cfg.num_key_value_heads, cfg.num_hidden_layers
+    x = torch.randint(0, 200, (1, 64), generator=torch.Generator().manual_seed(3))
+    _, cache = _chunked(tiny.model, x, KVConfig(bits=b, residual=0, group=g))
+    quantized = 64  # 4 whole groups leave the window; none stays float
+    keys = quantized * d * b / 8 + (quantized // g) * d * (2 + b / 8)
+    values = quantized * d * b / 8 + quantized * (d // g) * (2 + b / 8)
+    assert cache_nbytes(cache) == layers * heads * (keys + values)
+    float_bytes = layers * heads * 2 * 64 * d * 4  # the same tokens in a float32 cache
+    assert float_bytes / cache_nbytes(cache) > 10
+
+
+def test_batch_rows_select_exactly(tiny):
+    x = torch.randint(0, 200, (3, 48), generator=torch.Generator().manual_seed(4))
+    _, cache = _chunked(tiny.model, x, KVConfig(bits=2, residual=8, group=16))
+    layer = cache.layers[0]
+    full_k = torch.cat([dequantize_keys(p, torch.float32) for p in layer.k_blocks] + [layer.keys], -2)
+    layer.batch_select_indices(torch.tensor([0, 2]))
+    kept = torch.cat([dequantize_keys(p, torch.float32) for p in layer.k_blocks] + [layer.keys], -2)
+    assert torch.equal(kept, full_k[[0, 2]]) and layer.get_seq_length() == 48
+
+
+def test_bad_input_fails_with_one_clear_line():
+    with pytest.raises(ConfigError, match=r"kv\.bits must be one of 2, 3, 4, 8"):
+        KVConfig(bits=5)
+    with pytest.raises(ConfigError, match="unknown kv option"):
+        KVConfig.parse({"bits": 2, "window": 4})
+    with pytest.raises(ConfigError, match=r"kv\.group must be a positive integer"):
+        KVConfig(group=0)
+    gemma = make_tiny_model("gemma3")
+    with pytest.raises(ConfigError, match="full-attention models only"):
+        kivi_cache(gemma.model, KVConfig())
+
+
+def test_ppl_and_kld_tasks_take_a_quantized_cache(tiny, tiny_text_file):
+    from q2lab.eval.tasks import Evaluator, parse_task
+
+    plain = parse_task(f"ppl:{tiny_text_file}", windows=2, ctx=64)
+    assert plain.key() == parse_task({"task": f"ppl:{tiny_text_file}", "kv": None}, windows=2, ctx=64).key()
+    exact = parse_task(
+        {"task": f"ppl:{tiny_text_file}", "kv": {"bits": 2, "residual": 64}}, windows=2, ctx=64
+    )
+    two = parse_task(
+        {"task": f"ppl:{tiny_text_file}", "kv": {"bits": 2, "residual": 0, "group": 16}}, windows=2, ctx=64
+    )
+    kld = parse_task(
+        {"task": f"kld:{tiny_text_file}", "kv": {"bits": 2, "residual": 0, "group": 16}}, windows=2, ctx=64
+    )
+    ev = Evaluator(tiny)
+    base = ev.run(tiny, [plain])[0]
+    assert ev.run(tiny, [exact])[0].value == pytest.approx(base.value, rel=1e-5)
+    recs = ev.run(make_tiny_model("llama"), [two, kld])  # the same weights, not the reference object
+    ppl2 = next(r for r in recs if r.metric == "ppl")
+    kl = next(r for r in recs if r.metric == "kld_mean")
+    assert ppl2.value != base.value and kl.value > 0  # the fp model against itself: only the cache differs
+    info = ppl2.details["kv"]
+    assert info["bits"] == 2 and 0 < info["bytes_per_token"] < info["float_bytes_per_token"] / 4
+    with pytest.raises(ConfigError, match=r"kv .* applies to ppl and kld"):
+        parse_task({"task": "gen:collapse", "kv": {"bits": 2}})
