@@ -1,4 +1,4 @@
-"""Fixtures shared by the GGML export and imatrix tests."""
+"""Fixtures shared by unit tests: the GGML export and imatrix models, a calibrated tiny Llama."""
 
 from __future__ import annotations
 
@@ -20,3 +20,14 @@ def f32_file(tiny256, tmp_path_factory):
     path = tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf"
     export_gguf(tiny256, path, "F32")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_calibrated(tmp_path_factory, tiny_text_file):
+    """The tiny Llama (the float teacher: read only) and its Hessians from 8 × 32 windows of the
+    tiny text, shared by the method tests that quantize with a store."""
+    from q2lab.calib.store import CalibSpec, calibrate
+
+    ref = make_tiny_model("llama")
+    spec = CalibSpec(corpus=str(tiny_text_file), windows=8, ctx=32, seed=0)
+    return ref, calibrate(ref, spec, root=tmp_path_factory.mktemp("tiny-hessians"))

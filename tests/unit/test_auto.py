@@ -10,7 +10,6 @@ import pytest
 import torch
 import yaml
 
-from q2lab.calib.store import CalibSpec, calibrate
 from q2lab.errors import ConfigError
 from q2lab.quant import auto as auto_mod
 from q2lab.quant import make_config
@@ -55,14 +54,8 @@ def test_costs_round_up_so_the_budget_always_holds():
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_text_file):
-    ref = make_tiny_model("llama")
-    store = calibrate(
-        ref,
-        CalibSpec(corpus=str(tiny_text_file), windows=8, ctx=32, seed=0),
-        root=tmp_path_factory.mktemp("h"),
-    )
-    return store
+def setup(tiny_calibrated):
+    return tiny_calibrated[1]
 
 
 def _auto(store, budget, monkeypatch, tmp_path, candidates=CANDIDATES):

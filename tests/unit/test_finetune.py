@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from q2lab.calib.store import CalibSpec, calibrate
 from q2lab.data.text import corpus_windows, load_corpus
 from q2lab.errors import ConfigError
 from q2lab.finetune import finetuner
@@ -24,13 +23,8 @@ BASE = {"quip#": {"bits": 2}, "qtip": {"L": 8, "tile_rows": 8, "tile_cols": 8}}
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_text_file):
-    ref = make_tiny_model("llama")
-    store = calibrate(
-        ref,
-        CalibSpec(corpus=str(tiny_text_file), windows=8, ctx=32, seed=0),
-        root=tmp_path_factory.mktemp("h"),
-    )
+def setup(tiny_calibrated, tiny_text_file):
+    ref, store = tiny_calibrated
     # test windows: the same corpus read sequentially (the tuning windows are random offsets)
     test = corpus_windows(ref, load_corpus(str(tiny_text_file)), 4, 48, mode="sequential")
     return ref, store, test

@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 
-from q2lab.calib.store import CalibSpec, calibrate
 from q2lab.data.text import corpus_windows, load_corpus
 from q2lab.errors import ConfigError, DataError
 from q2lab.finetune import finetuner
@@ -106,13 +105,8 @@ def test_topk_jsd_with_the_whole_vocabulary_is_the_full_jsd():
 
 # --------------------------------------------------------------------------- the method
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_text_file):
-    ref = make_tiny_model("llama")
-    store = calibrate(
-        ref,
-        CalibSpec(corpus=str(tiny_text_file), windows=8, ctx=32, seed=0),
-        root=tmp_path_factory.mktemp("h"),
-    )
+def setup(tiny_calibrated, tiny_text_file):
+    ref, store = tiny_calibrated
     test = corpus_windows(ref, load_corpus(str(tiny_text_file)), 4, 48, mode="sequential")
     return ref, store, test
 
