@@ -36,8 +36,9 @@ def finetuner(loaded: Any, store: Any, cfg: Any, teacher_data: Any = None, workd
     For UPQ's ``qat:`` section (:mod:`.qat`): ``teacher_data()`` returns the teacher-written
     :class:`~q2lab.finetune.qat.DistillSet` when ``qat.data`` is ``self`` (generation lives in
     ``eval``, above this package: :func:`q2lab.eval.distill.teacher_data` builds it, and the study
-    runner and ``q2lab.api`` pass it in); ``workdir`` holds the resumable training state (default:
-    the q2lab cache, keyed by model, options and data)."""
+    runner and ``q2lab.api`` pass it in); ``workdir`` holds the resumable training state, kept
+    after the run (default: the q2lab cache, keyed by model, options and data, and deleted once the
+    run ends)."""
     from q2lab.quant.finetune_option import finetune_of, qat_of
 
     qat = qat_of(cfg)
@@ -84,6 +85,7 @@ def _qat_tuner(loaded: Any, store: Any, cfg: Any, qat: Any, teacher_data: Any, w
                 windows, {"kind": "text", "corpus": store.describe().get("corpus")}
             )
         key = qat_key(loaded.info.fingerprint, cfg, data, store.key if store is not None else "")
-        return QATRun(model, cfg, qat, data, Path(workdir) if workdir else cache_dir() / "qat" / key, key)
+        folder = Path(workdir) if workdir else cache_dir() / "qat" / key
+        return QATRun(model, cfg, qat, data, folder, key, keep_state=bool(workdir))
 
     return start

@@ -16,8 +16,9 @@ log-probs + int32 ids of the trained positions only; gradient checkpointing keep
 activations; micro-batches are a few sequences.  Training is resumable: every ``save_every``
 steps the latents, steps, Adam state and step count go to ``workdir/state.pt`` (atomically), and a
 run that finds a state with the same key continues from it — with a larger ``steps`` it extends a
-finished run.  The batch schedule is a pure function of (seed, step), so a resumed run takes the
-same batches an uninterrupted one would.
+finished run whose state was kept (an explicit ``workdir``; in the default cache folder the state,
+three float copies of the linears, is deleted once the run finishes).  The batch schedule is a
+pure function of (seed, step), so a resumed run takes the same batches an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -175,6 +176,7 @@ class QATRun:
         data: DistillSet,
         workdir: Path | None = None,
         key: str = "",
+        keep_state: bool = True,
     ) -> None:
         if len(data.sequences) < 2:
             raise DataError(
@@ -187,6 +189,7 @@ class QATRun:
         self.train_ids, self.valid_ids = list(range(n - n_valid)), list(range(n - n_valid, n))
         self._tmp = tempfile.TemporaryDirectory(prefix="q2lab-qat-")
         self.workdir = Path(workdir) if workdir is not None else Path(self._tmp.name)
+        self.keep_state = keep_state
         self.key = key or data.sha256
         t0 = time.time()
         self.teacher = TeacherTopK(Path(self._tmp.name), model, data, qat.topk)
@@ -279,6 +282,8 @@ class QATRun:
             layers = self._student()
             self._train(layers)
             self._harden(layers)
+            if not self.keep_state:  # the latents + Adam moments are 3 float copies of the linears
+                self._state_path().unlink(missing_ok=True)
         finally:
             self._tmp.cleanup()
         return self.stats

@@ -286,3 +286,4 @@ def test_a_study_cell_distils_on_the_teachers_answers(tmp_path, tiny_text_file, 
     assert stats["data"]["kind"] == "self" and len(stats["data"]["sha256"]) == 64
     assert stats["steps_run"] == 3 and stats["data"]["rendering"] == "user/assistant frame"
     assert len(list((tmp_path / "cache" / "distill").glob("*.pt"))) == 1  # the teacher's answers, cached
+    assert not list((tmp_path / "cache" / "qat").rglob("state.pt"))  # a finished run's state is gone
