@@ -28,8 +28,9 @@ import torch
 from q2lab.errors import CorruptFileError, ShapeError
 from q2lab.eval.records import Record
 from q2lab.eval.stats import DEFAULT_RESAMPLES, DEFAULT_SEED, UNITS_KEY, UnitScores, bootstrap_ci, ids_sha256
-from q2lab.quant.kv import KVConfig
+from q2lab.quant.kv import KVConfig, cache_nbytes, float_bytes_per_token, kivi_cache
 from q2lab.utils.io import atomic_path, write_json_atomic
+from q2lab.utils.kvcache import cache_kwargs
 from q2lab.utils.progress import progress
 
 
@@ -56,9 +57,6 @@ def window_logprobs(
 
 
 def _chunked_logits(model: torch.nn.Module, x: torch.Tensor, kv: KVConfig, kv_bytes: list[int] | None):
-    from q2lab.quant.kv import cache_nbytes, kivi_cache
-    from q2lab.utils.kvcache import cache_kwargs
-
     cache = kivi_cache(model, kv)
     parts = [
         model(input_ids=x[:, s : s + kv.group], use_cache=True, **cache_kwargs(model, cache)).logits
@@ -166,21 +164,8 @@ def score_windows(
             stats.ref_nll.append(float(-ref_lp.gather(-1, tgt).double().sum()))
     if kv is not None and kv_bytes:
         stats.kv_bytes_per_token = sum(kv_bytes) / windows.numel()
-        stats.kv_float_bytes_per_token = _float_kv_bytes_per_token(candidate)
+        stats.kv_float_bytes_per_token = float_bytes_per_token(candidate)
     return stats
-
-
-def _float_kv_bytes_per_token(model: torch.nn.Module) -> float:
-    """What an unquantized cache holds per token: keys and values of every layer in the model's dtype."""
-    cfg = (
-        model.config.get_text_config(decoder=True)
-        if hasattr(model.config, "get_text_config")
-        else model.config
-    )
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    dtype_bytes = next(model.parameters()).element_size()
-    return float(2 * cfg.num_hidden_layers * kv_heads * head_dim * dtype_bytes)
 
 
 def ppl_records(task: str, stats: WindowStats, details: dict) -> list[Record]:

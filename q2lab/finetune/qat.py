@@ -185,7 +185,7 @@ class QATRun:
         self.model, self.cfg, self.qat, self.data = model, cfg, qat, data
         self.device = next(model.parameters()).device
         n = len(data.sequences)
-        n_valid = min(n - 1, max(1, round(n * qat.valid)))
+        n_valid = qat.n_valid(n)
         self.train_ids, self.valid_ids = list(range(n - n_valid)), list(range(n - n_valid, n))
         self._tmp = tempfile.TemporaryDirectory(prefix="q2lab-qat-")
         self.workdir = Path(workdir) if workdir is not None else Path(self._tmp.name)

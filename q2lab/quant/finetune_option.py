@@ -67,7 +67,13 @@ class FinetuneConfig:
 
     @property
     def n_valid(self) -> int:
-        return min(self.windows - 1, max(1, round(self.windows * self.valid)))
+        return held_out_count(self.windows, self.valid)
+
+
+def held_out_count(n: int, fraction: float) -> int:
+    """How many of ``n`` training units to hold out: ``fraction`` of them, at least 1 and leaving
+    at least 1 to train on."""
+    return min(n - 1, max(1, round(n * fraction)))
 
 
 def parse_section(cls: Any, section: str, value: Any, float_keys: tuple[str, ...]) -> Any:
@@ -150,9 +156,9 @@ class QATConfig:
     def parse(cls, value: Any) -> QATConfig | None:
         return parse_section(cls, "qat", value, ("lr", "beta", "temperature", "valid"))
 
-    @property
-    def n_valid(self) -> int:
-        return min(self.sequences - 1, max(1, round(self.sequences * self.valid)))
+    def n_valid(self, n: int) -> int:
+        """Held-out sequences of a set of ``n`` (answers can be fewer than ``sequences``)."""
+        return held_out_count(n, self.valid)
 
 
 def qat_of(cfg: Any) -> QATConfig | None:

@@ -121,11 +121,7 @@ def kivi_cache(model: Any, cfg: KVConfig) -> Any:
         from transformers.cache_utils import Cache
     except ImportError as e:  # pragma: no cover - transformers is a dependency
         raise ConfigError(f"KV-cache quantization needs transformers' Cache ({e})") from e
-    text = (
-        model.config.get_text_config(decoder=True)
-        if hasattr(model.config, "get_text_config")
-        else model.config
-    )
+    text = _text_config(model)
     kinds = set(getattr(text, "layer_types", None) or ["full_attention"])
     if kinds != {"full_attention"}:
         raise ConfigError(
@@ -133,6 +129,22 @@ def kivi_cache(model: Any, cfg: KVConfig) -> Any:
         )
     layer_cls = _layer_class()
     return Cache(layers=[layer_cls(cfg) for _ in range(text.num_hidden_layers)])
+
+
+def _text_config(model: Any) -> Any:
+    config = model.config
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def float_bytes_per_token(model: Any) -> float:
+    """What an unquantized cache holds per token: keys and values of every layer, in the
+    model's dtype."""
+    from q2lab.quant.quarot import head_dim_of
+
+    cfg = _text_config(model)
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    dtype_bytes = next(model.parameters()).element_size()
+    return float(2 * cfg.num_hidden_layers * kv_heads * head_dim_of(model) * dtype_bytes)
 
 
 def cache_nbytes(cache: Any) -> int:
