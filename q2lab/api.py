@@ -9,6 +9,7 @@ api.run_study("examples/quickstart.yaml", "runs/quickstart")
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +39,12 @@ def calibrate(
     ctx: int = 512,
     seed: int = 0,
     out: str | Path | None = None,
+    weights: Sequence[float] | None = None,
 ) -> HessianStore:
-    """Compute (or reuse) the shared Hessian store of ``model``."""
-    return _calibrate(
-        _as_loaded(model), CalibSpec(corpus, windows, ctx, seed), root=Path(out) if out else None
-    )
+    """Compute (or reuse) the shared Hessian store of ``model``.  ``corpus`` may be a mix
+    (``"wikitext2+polish"``) drawn in ``weights`` proportions (default: equal)."""
+    spec = CalibSpec(corpus, windows, ctx, seed, _weights(weights))
+    return _calibrate(_as_loaded(model), spec, root=Path(out) if out else None)
 
 
 def open_store(loaded: LoadedModel, calib: str | Path, spec: CalibSpec) -> HessianStore:
@@ -61,6 +63,10 @@ def open_store(loaded: LoadedModel, calib: str | Path, spec: CalibSpec) -> Hessi
     return _calibrate(loaded, spec, root=path)
 
 
+def _weights(weights: Sequence[float] | None) -> tuple[float, ...] | None:
+    return None if weights is None else tuple(weights)
+
+
 def _hessians(loaded: LoadedModel, calib: str | Path | None, spec: CalibSpec) -> HessianStore:
     """The store at ``calib`` (checked against the model), else calibrate (reusing a cached one)."""
     return open_store(loaded, calib, spec) if calib else _calibrate(loaded, spec)
@@ -77,13 +83,14 @@ def quantize(
     windows: int = 128,
     ctx: int = 512,
     seed: int = 0,
+    weights: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Quantize ``model`` in place with ``method``; save a checkpoint to ``out`` if given."""
     cfg = make_config(method, options)  # validate before loading anything
     loaded = _as_loaded(model)
     store = None
     if get_quantizer(method).uses_hessian(cfg):
-        store = _hessians(loaded, calib, CalibSpec(corpus, windows, ctx, seed))
+        store = _hessians(loaded, calib, CalibSpec(corpus, windows, ctx, seed, _weights(weights)))
     report = quantize_model(
         loaded.model,
         method,
@@ -96,7 +103,7 @@ def quantize(
     )
     summary = report.to_dict(per_layer=True)
     if store is not None:
-        summary["hessians"] = store.describe()
+        summary["hessians"] = loaded.info.calibration = store.describe()
     if out:
         from q2lab.export.checkpoint import save_checkpoint
 
@@ -112,13 +119,17 @@ def evaluate(
     limit: int | None = None,
     windows: int | None = None,
     ctx: int | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> list[Record]:
-    """Evaluate ``candidate`` on ``tasks`` (strings like ``"ppl:wikitext2"``) against ``ref``."""
+    """Evaluate ``candidate`` on ``tasks`` (strings like ``"ppl:wikitext2"``) against ``ref``.
+    ``warn`` receives one line per task whose language the candidate's calibration did not
+    include (default: a :class:`~q2lab.errors.CalibrationLanguageWarning`)."""
     specs = [parse_task(t, limit=limit, windows=windows or limit, ctx=ctx) for t in tasks]
     for spec in specs:
         check_data(spec)
     reference = _as_loaded(ref) if ref is not None else None
-    return Evaluator(reference).run(_as_loaded(candidate), specs)
+    evaluator = Evaluator(reference) if warn is None else Evaluator(reference, warn=warn)
+    return evaluator.run(_as_loaded(candidate), specs)
 
 
 EXPORT_FORMATS = ("gguf", "hf-aqlm")
@@ -137,6 +148,7 @@ def export(
     windows: int = 128,
     ctx: int = 512,
     seed: int = 0,
+    weights: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Export ``model`` (or a q2lab checkpoint).
 
@@ -166,7 +178,7 @@ def export(
     loaded = _as_loaded(model)
     matrix = None
     if imatrix is not None and str(imatrix) == "auto":
-        store = _hessians(loaded, calib, CalibSpec(corpus, windows, ctx, seed))
+        store = _hessians(loaded, calib, CalibSpec(corpus, windows, ctx, seed, _weights(weights)))
         matrix = im.from_store(store, imatrix_names(gguf_tensors(loaded.model)))
     elif imatrix is not None:
         matrix = im.read_imatrix(imatrix)

@@ -29,6 +29,13 @@ def _kv(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
+def _weights(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 0.5,0.5, got {text!r}") from None
+
+
 def cmd_fetch(args) -> int:
     from q2lab.models import zoo
 
@@ -41,7 +48,13 @@ def cmd_calibrate(args) -> int:
     from q2lab import api
 
     store = api.calibrate(
-        args.model, corpus=args.corpus, windows=args.windows, ctx=args.ctx, seed=args.seed, out=args.out
+        args.model,
+        corpus=args.corpus,
+        windows=args.windows,
+        ctx=args.ctx,
+        seed=args.seed,
+        out=args.out,
+        weights=args.corpus_weights,
     )
     print(json.dumps({"store": str(store.path), **store.describe()}, indent=2))
     return 0
@@ -55,6 +68,7 @@ def _calib_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "windows": args.windows,
         "ctx": args.ctx,
         "seed": args.seed,
+        "weights": args.corpus_weights,
     }
 
 
@@ -82,7 +96,13 @@ def cmd_eval(args) -> int:
     from q2lab import api
 
     records = api.evaluate(
-        args.candidate, tasks=args.task, ref=args.ref, limit=args.limit, windows=args.windows, ctx=args.ctx
+        args.candidate,
+        tasks=args.task,
+        ref=args.ref,
+        limit=args.limit,
+        windows=args.windows,
+        ctx=args.ctx,
+        warn=lambda m: print(f"warning: {m}", file=sys.stderr),
     )
     rows = [r.to_dict() for r in records]
     if args.json:
@@ -174,7 +194,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_fetch)
 
     def calib_args(s) -> None:
-        s.add_argument("--corpus", default="wikitext2", help="calibration corpus name or .txt path")
+        s.add_argument(
+            "--corpus",
+            default="wikitext2",
+            help="calibration corpus name or .txt path, or a mix: wikitext2+polish",
+        )
+        s.add_argument(
+            "--corpus-weights",
+            dest="corpus_weights",
+            type=_weights,
+            help="shares of a mix's windows, comma-separated and summing to 1 (default: equal)",
+        )
         s.add_argument("--windows", type=int, default=128, help="number of calibration windows")
         s.add_argument("--ctx", type=int, default=512, help="tokens per window")
         s.add_argument("--seed", type=int, default=0)

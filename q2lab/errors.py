@@ -30,3 +30,7 @@ class CorruptFileError(Q2labError):
 
 class ShapeError(Q2labError, ValueError):
     """Tensor shapes do not fit together (e.g. a Hessian for another layer)."""
+
+
+class CalibrationLanguageWarning(UserWarning):
+    """A model calibrated on one language is scored on text in another."""

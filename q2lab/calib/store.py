@@ -1,4 +1,4 @@
-"""The shared Hessian store: computed once per (model, corpus, windows, ctx, seed), on disk.
+"""The shared Hessian store: computed once per (model, corpus or corpus mix, windows, ctx, seed), on disk.
 
 Layout of a store folder ``<root>/<model>-<key16>/``::
 
@@ -25,7 +25,8 @@ from safetensors.torch import load_file, save_file
 
 from q2lab.calib.capture import stream_hessians
 from q2lab.calib.hessian import Hessian
-from q2lab.data.text import corpus_windows, load_corpus
+from q2lab.data.language import join_languages
+from q2lab.data.text import CorpusMix, corpus_language, load_corpus, mix_counts, mix_windows, parse_mix
 from q2lab.errors import CorruptFileError, ModelError
 from q2lab.models.arch import find_decoder
 from q2lab.utils.io import atomic_path, cache_dir, sha256_json, write_json_atomic
@@ -37,15 +38,33 @@ MANIFEST = "manifest.json"
 
 @dataclass(frozen=True)
 class CalibSpec:
-    """What a store is computed from (the rest of the key is the model and corpus content)."""
+    """What a store is computed from (the rest of the key is the model and corpus content).
+
+    ``corpus`` is a name, a path or a ``+``-joined mix (``wikitext2+polish``); ``weights`` are
+    the mix's shares (None: equal).  Checked on construction, so a bad mix fails before any
+    model is loaded."""
 
     corpus: str = "wikitext2"
     windows: int = 128
     ctx: int = 512
     seed: int = 0
+    weights: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        mix = parse_mix(self.corpus, self.weights)
+        object.__setattr__(self, "corpus", mix.name)
+        object.__setattr__(self, "weights", None if mix.is_single or self.weights is None else mix.weights)
+
+    @property
+    def mix(self) -> CorpusMix:
+        return parse_mix(self.corpus, self.weights)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"corpus": self.corpus, "windows": self.windows, "ctx": self.ctx, "seed": self.seed}
+        d: dict[str, Any] = {"corpus": self.corpus, "windows": self.windows, "ctx": self.ctx}
+        d["seed"] = self.seed
+        if not self.mix.is_single:
+            d["weights"] = list(self.mix.weights)
+        return d
 
 
 def store_key(model_fingerprint: str, corpus_sha256: str, spec: CalibSpec, add_bos: bool) -> str:
@@ -122,11 +141,17 @@ class HessianStore:
             "windows",
             "ctx",
             "seed",
+            "weights",
+            "parts",
+            "language",
             "add_bos",
             "tokens",
             "seconds",
         )
-        return {k: self.manifest.get(k) for k in keep}
+        d = {k: self.manifest.get(k) for k in keep}
+        if d["language"] is None and d["corpus"]:  # stores written before languages were recorded
+            d["language"] = corpus_language(str(d["corpus"]))
+        return d
 
 
 def _slug(name: str) -> str:
@@ -142,25 +167,38 @@ def store_path(loaded, corpus_sha256: str, spec: CalibSpec, root: Path | None = 
 def calibration_windows(
     loaded, store: HessianStore, n: int | None = None, ctx: int | None = None
 ) -> torch.Tensor:
-    """Token windows drawn like ``store``'s own calibration windows (its corpus, random mode and
-    seed): ``n`` of them (default: the store's count) of ``ctx`` tokens (default: the store's) —
-    what training that must see the calibration data (fine-tuning, learned rotations) reads."""
+    """Token windows drawn like ``store``'s own calibration windows (its corpus or mix, random
+    mode and seed): ``n`` of them (default: the store's count) of ``ctx`` tokens (default: the
+    store's) — what training that must see the calibration data (fine-tuning, learned
+    rotations) reads."""
     spec = store.describe()
-    corpus = load_corpus(spec["corpus"], role="calib")
-    return corpus_windows(
-        loaded, corpus, n or spec["windows"], ctx or spec["ctx"], mode="random", seed=spec["seed"]
-    )
+    mix = parse_mix(spec["corpus"], spec.get("weights"))
+    return mix_windows(loaded, mix, n or spec["windows"], ctx or spec["ctx"], seed=spec["seed"])
+
+
+def corpus_parts(spec: CalibSpec) -> tuple[str, list[dict[str, Any]]]:
+    """The content hash a store key uses (a single corpus: its file hash, as before mixes; a
+    mix: the hash of every part's name, hash and weight) and the parts as the manifest lists them."""
+    mix = spec.mix
+    corpora = [load_corpus(name, role="calib") for name in mix.names]
+    parts = [
+        {"corpus": c.name, "sha256": c.sha256, "weight": w, "windows": k, "language": c.language}
+        for c, w, k in zip(corpora, mix.weights, mix_counts(spec.windows, mix.weights))
+    ]
+    if mix.is_single:
+        return corpora[0].sha256, parts
+    return sha256_json([[p["corpus"], p["sha256"], p["weight"]] for p in parts]), parts
 
 
 def calibrate(loaded, spec: CalibSpec = CalibSpec(), root: Path | None = None) -> HessianStore:
     """Return the store for ``loaded`` and ``spec``, computing it only if it does not exist yet."""
-    corpus = load_corpus(spec.corpus, role="calib")
-    path, key = store_path(loaded, corpus.sha256, spec, root)
+    corpus_sha256, parts = corpus_parts(spec)
+    path, key = store_path(loaded, corpus_sha256, spec, root)
     if (path / MANIFEST).exists():
         store = HessianStore(path)
         if store.key == key:
             return store
-    windows = corpus_windows(loaded, corpus, spec.windows, spec.ctx, mode="random", seed=spec.seed)
+    windows = mix_windows(loaded, spec.mix, spec.windows, spec.ctx, seed=spec.seed)
     layout = find_decoder(loaded.model)
     linears: dict[str, dict[str, Any]] = {}
     t0 = time.time()
@@ -182,9 +220,11 @@ def calibrate(loaded, spec: CalibSpec = CalibSpec(), root: Path | None = None) -
                 "key": key,
                 "model": loaded.info.name,
                 "model_fingerprint": loaded.info.fingerprint,
-                "corpus": corpus.name,
-                "corpus_sha256": corpus.sha256,
+                "corpus": spec.corpus,
+                "corpus_sha256": corpus_sha256,
                 **spec.to_dict(),
+                "parts": parts,
+                "language": join_languages(p["language"] for p in parts),
                 "add_bos": loaded.info.add_bos,
                 "tokens": int(windows.numel()),
                 "seconds": round(time.time() - t0, 2),

@@ -13,6 +13,18 @@ polish        polish_prose/calib/*.txt (4 novels)           polish_prose/eval/ev
 A split can be named explicitly (``wikitext2-test``, ``wikitext2-valid``, ``polish-calib``,
 ``polish-eval``), and any local ``.txt`` (or ``.jsonl`` with a ``text`` field) path works too.
 
+Every corpus has a language (:data:`CORPUS_LANGUAGES` for named data, detected by
+:func:`q2lab.data.language.text_language` for a local file), so a model calibrated on one
+language and scored on another can be flagged.
+
+Mixes
+-----
+A calibration may draw its windows from several corpora in stated proportions
+(:class:`CorpusMix`: ``wikitext2+polish``, weights 0.5/0.5 by default): each part gets its
+share of the windows (largest remainder), drawn at random offsets of its own text with seed
+``seed + i``, and the windows are shuffled together with ``seed``.  A one-part mix is exactly
+the single corpus.
+
 Windows
 -------
 A window is ``ctx`` tokens.  When the model's tokenizer adds BOS, a window is BOS followed by
@@ -31,6 +43,7 @@ from typing import Literal
 
 import torch
 
+from q2lab.data.language import join_languages, text_language
 from q2lab.data.registry import data_file, data_root, hash_files, local_file, looks_like_path
 from q2lab.errors import ConfigError, DataError
 
@@ -47,6 +60,8 @@ SPLITS: dict[str, tuple[str, ...]] = {
     "polish-calib": ("polish_prose/calib/*.txt",),
     "polish-eval": ("polish_prose/eval/eval.jsonl",),
 }
+#: The language of each named corpus (its splits share it).
+CORPUS_LANGUAGES: dict[str, str] = {"wikitext2": "en", "polish": "pl"}
 
 
 @dataclass(frozen=True)
@@ -55,6 +70,7 @@ class Corpus:
     text: str
     sha256: str  # of the bytes read
     files: tuple[str, ...]
+    language: str | None = None  # ISO 639-1; None when a local file's language is unclear
 
 
 def corpus_names() -> list[str]:
@@ -75,7 +91,27 @@ def load_corpus(name: str, role: Role = "eval") -> Corpus:
     text = _read_texts(files, strip_books=split == "polish-calib")
     if not text.strip():
         raise DataError(f"corpus {name} ({', '.join(map(str, files))}) is empty")
-    return Corpus(split, text, hash_files(files), tuple(str(f) for f in files))
+    lang = named_language(split) if split in SPLITS else text_language(text)
+    return Corpus(split, text, hash_files(files), tuple(str(f) for f in files), lang)
+
+
+def named_language(name: str) -> str | None:
+    """The language of a named corpus or split (``polish-eval`` → ``pl``); None for others."""
+    return CORPUS_LANGUAGES.get(name) or CORPUS_LANGUAGES.get(name.rsplit("-", 1)[0])
+
+
+def corpus_language(name: str) -> str | None:
+    """A corpus's (or a ``+`` mix's) language without tokenizing: the registry for named data,
+    the detector for local files; None when unknown or unreadable."""
+    langs = []
+    for part in name.split(MIX_SEP):
+        if named_language(part):
+            langs.append(named_language(part))
+        elif looks_like_path(part) and Path(part).expanduser().is_file():
+            langs.append(load_corpus(part).language)
+        else:
+            return None
+    return join_languages(langs)
 
 
 def _expand(patterns: tuple[str, ...]) -> list[Path]:
@@ -191,3 +227,91 @@ def corpus_windows(
         seed=seed,
         what=f"corpus {corpus.name}",
     )
+
+
+# --------------------------------------------------------------------------- mixes
+MIX_SEP = "+"
+#: How far a mix's weights may be from summing to 1.
+WEIGHT_TOLERANCE = 1e-6
+
+
+@dataclass(frozen=True)
+class CorpusMix:
+    """Corpora to draw calibration windows from, with their shares of the windows."""
+
+    names: tuple[str, ...]
+    weights: tuple[float, ...]
+
+    @property
+    def name(self) -> str:
+        return MIX_SEP.join(self.names)
+
+    @property
+    def is_single(self) -> bool:
+        return len(self.names) == 1
+
+
+def parse_mix(corpus: str | list[str] | tuple[str, ...], weights=None) -> CorpusMix:
+    """``"wikitext2+polish"`` (or a list of names/paths) and optional weights → a checked mix;
+    weights default to equal shares and must be positive, one per corpus, summing to 1."""
+    names = tuple(
+        n.strip() for n in (corpus.split(MIX_SEP) if isinstance(corpus, str) else corpus) if str(n).strip()
+    )
+    if not names or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"calibration corpus must be a name, a path or a list of them, got {corpus!r}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"calibration mix {MIX_SEP.join(names)} names a corpus twice")
+    for n in names:
+        if n not in CORPORA and n not in SPLITS and not looks_like_path(n):
+            raise ConfigError(
+                f"unknown corpus {n!r} in calibration mix {MIX_SEP.join(names)}; "
+                f"known: {', '.join(corpus_names())}, or a path to a .txt/.jsonl file"
+            )
+    if weights is None:
+        return CorpusMix(names, tuple(1.0 / len(names) for _ in names))
+    w = list(weights) if isinstance(weights, list | tuple) else [weights]
+    if len(w) != len(names):
+        raise ConfigError(
+            f"calibration mix {MIX_SEP.join(names)} has {len(names)} corpora but {len(w)} weights"
+        )
+    if not all(isinstance(x, int | float) and not isinstance(x, bool) and x > 0 for x in w):
+        raise ConfigError(f"calibration weights must be positive numbers, got {w}")
+    if abs(sum(w) - 1.0) > WEIGHT_TOLERANCE:
+        raise ConfigError(f"calibration weights {w} sum to {sum(w):g}, not 1")
+    return CorpusMix(names, tuple(float(x) for x in w))
+
+
+def mix_counts(n: int, weights: tuple[float, ...]) -> list[int]:
+    """Windows per part: ``n`` shared by largest remainder (ties to the earlier part)."""
+    raw = [n * w for w in weights]
+    counts = [int(r) for r in raw]
+    order = sorted(range(len(raw)), key=lambda i: (counts[i] - raw[i], i))
+    for i in order[: n - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def mix_windows(loaded, mix: CorpusMix, n: int, ctx: int, *, seed: int = 0) -> torch.Tensor:
+    """``n`` calibration windows drawn from the mix's corpora in its proportions (random
+    offsets, seed ``seed + i`` for part ``i``), shuffled together with ``seed``."""
+    parts = [load_corpus(name, role="calib") for name in mix.names]
+    if mix.is_single:
+        return corpus_windows(loaded, parts[0], n, ctx, mode="random", seed=seed)
+    span = ctx - (1 if loaded.info.add_bos else 0)
+    chunks = []
+    for i, (corpus, k, w) in enumerate(zip(parts, mix_counts(n, mix.weights), mix.weights)):
+        if k == 0:
+            raise ConfigError(
+                f"calibration mix {mix.name}: {corpus.name} gets 0 of {n} windows at weight {w:g}; "
+                "use more windows or a larger weight"
+            )
+        total = int(tokenize(loaded.tokenizer, corpus).numel())
+        if total < k * span:
+            raise DataError(
+                f"calibration mix {mix.name}: corpus {corpus.name} has {total} tokens, too short for its "
+                f"share of {k} windows of {span} tokens (weight {w:g})"
+            )
+        chunks.append(corpus_windows(loaded, corpus, k, ctx, mode="random", seed=seed + i))
+    windows = torch.cat(chunks)
+    order = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(seed))
+    return windows[order].contiguous()

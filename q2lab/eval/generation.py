@@ -48,6 +48,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from q2lab.data.language import (  # noqa: F401  (re-exported: the drift check's vocabulary)
+    MARK_LETTERS,
+    MIN_LANGUAGE_HITS,
+    STOPWORDS,
+    detect_language,
+    language_counts,
+)
 from q2lab.errors import ConfigError, DataError, ShapeError
 from q2lab.eval.records import Record
 from q2lab.eval.stats import UNITS_KEY, UnitScores, ids_sha256, mean_ci
@@ -579,63 +586,6 @@ def ngram_entropy(token_ids: Sequence[int] | np.ndarray) -> float:
     _, counts = np.unique(a, return_counts=True)
     p = counts / a.size
     return float(-(p * np.log2(p)).sum())
-
-
-#: Very frequent function words of the languages the drift check knows.  Function words make
-#: up a third to a half of running text in every one of them and rarely coincide across them,
-#: so counting them identifies the language of a few dozen words without a model or a download.
-STOPWORDS: dict[str, frozenset[str]] = {
-    lang: frozenset(words.split())
-    for lang, words in {
-        # words shared by English and Polish ("a", "i", "to", "do", "go") are left out of both
-        "en": "the and of in is that it was for on are with as his they be at this have from or had by not "
-        "but what all were we when your can said there an which she their if will would my so about "
-        "out them then he you how who into its our been has more between",
-        "pl": "w nie na się z że jest jak o co ale po tak za od jego już tylko przez dla było może są być "
-        "jej ich czy gdy który która które mnie mu ten ta też jeszcze bardzo tego tym kiedy był była "
-        "oraz lub przy we ze pan pani sobie swoje swoich",
-        "de": "der die und den von zu das mit sich des auf für ist im dem nicht ein eine als auch es an "
-        "werden aus er hat dass sie nach wird bei einer um am sind noch wie einem über",
-        "fr": "le la les de des et un une du est en que qui dans pour pas sur au avec ce il elle sont par "
-        "plus ne se son sa mais nous vous ou leur aux",
-        "es": "el la los las de del y en que un una es por con para se su al lo como más pero sus le ya "
-        "fue este ha sí porque esta entre cuando muy sin sobre",
-    }.items()
-}
-#: Letters that only one of those languages uses: a word holding one is evidence for it too.
-MARK_LETTERS: dict[str, str] = {"pl": "ąćęłńśźż", "de": "äöüß", "fr": "àâçèêëîïôùûœ", "es": "ñ¿¡"}
-#: Fewer function-word hits than this in a continuation: too little text to tell its language.
-MIN_LANGUAGE_HITS = 5
-_WORD = re.compile(r"[^\W\d_]+", re.UNICODE)
-
-
-def language_counts(text: str) -> dict[str, int]:
-    """Words that are evidence for each language of :data:`STOPWORDS` (a function word of it, or
-    a word with one of its :data:`MARK_LETTERS`), plus ``"non-latin"``: words written
-    in another script (Cyrillic, CJK, ...), which no Latin-script target language uses."""
-    words = [w.lower() for w in _WORD.findall(text)]
-    marks = {lang: set(letters) for lang, letters in MARK_LETTERS.items()}
-    counts = {
-        lang: sum(w in sw or not marks.get(lang, set()).isdisjoint(w) for w in words)
-        for lang, sw in STOPWORDS.items()
-    }
-    counts["non-latin"] = sum(not _is_latin(w) for w in words)
-    return counts
-
-
-def _is_latin(word: str) -> bool:
-    return all(ord(c) < 0x250 or 0x1E00 <= ord(c) <= 0x1EFF for c in word)
-
-
-def detect_language(text: str) -> str | None:
-    """The language with most evidence (:func:`language_counts`); None without evidence or on a
-    tie (prompts are short, so one piece of evidence is enough when nothing contradicts it)."""
-    counts = language_counts(text)
-    counts.pop("non-latin")
-    ranked = sorted(counts.values(), reverse=True)
-    if ranked[0] == 0 or ranked[0] == ranked[1]:
-        return None
-    return max(counts, key=lambda k: counts[k])
 
 
 def language_drift(prompt: str, text: str, target: str | None = None) -> float:

@@ -47,6 +47,11 @@ class TaskKind(ABC):
         """Resolve the task's data (and optional dependencies) now, so a typo fails before any
         model is loaded."""
 
+    def language(self, task: TaskSpec) -> str | None:
+        """The language of the task's text (ISO 639-1, ``"en+pl"`` for a bilingual set; None:
+        unknown), compared with a model's calibration language (:mod:`q2lab.data.language`)."""
+        return None
+
     def shared_pass(self, task: TaskSpec) -> Hashable | None:
         """Tasks whose kinds return the same non-None key run as one pass (ppl and KLD on the
         same windows share one candidate forward pass); None: the task runs alone."""

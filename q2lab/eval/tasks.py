@@ -20,20 +20,27 @@ Task strings (CLI ``--task``, study YAML ``tasks:``) are ``KIND:DATA``:
 Each kind is a registered :class:`~q2lab.eval.registry.TaskKind` (:mod:`q2lab.eval.kinds`, one
 module per kind): its option defaults, its data check and how it runs; :class:`Evaluator` looks
 kinds up by name.  ``ppl`` and ``kld`` on the same corpus and windows share one candidate
-forward pass.  The reference's outputs (KLD log-probs, generation thresholds) are computed once
+forward pass.  Every record states the task's language (``details.lang``) and, for a quantized
+candidate, its calibration's (``details.calib_lang``); when the calibration did not include the
+task's language the evaluator warns once per task (:func:`language_warning`).
+The reference's outputs (KLD log-probs, generation thresholds) are computed once
 per evaluator and reused for every candidate, so a study pays for the reference once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from q2lab.errors import ConfigError
+from q2lab.data.language import uncovered_languages
+from q2lab.data.text import corpus_language
+from q2lab.errors import CalibrationLanguageWarning, ConfigError, Q2labError
 from q2lab.eval.records import Record
 from q2lab.eval.registry import get_kind, kind_names
 from q2lab.models.loader import LoadedModel
@@ -129,6 +136,47 @@ def check_data(task: TaskSpec) -> None:
     get_kind(task.kind).check_data(task)
 
 
+@functools.lru_cache(maxsize=256)
+def task_language(task: TaskSpec) -> str | None:
+    """The language of a task's text (its kind's :meth:`~q2lab.eval.registry.TaskKind.language`);
+    None when unknown or when the data cannot be read (language never fails an evaluation)."""
+    try:
+        return get_kind(task.kind).language(task)
+    except (Q2labError, OSError):
+        return None
+
+
+def calibration_language(calibration: dict[str, Any] | None) -> str | None:
+    """The language of a Hessian store's description: recorded, else from its corpus name."""
+    if not calibration:
+        return None
+    if calibration.get("language"):
+        return str(calibration["language"])
+    try:
+        return corpus_language(str(calibration.get("corpus") or ""))
+    except (Q2labError, OSError):
+        return None
+
+
+def language_warning(model: str, calibration: dict[str, Any] | None, task: TaskSpec) -> str | None:
+    """One line when ``model``'s calibration did not include the language of ``task``; None
+    when it did or when either language is unknown."""
+    cal, lang = calibration_language(calibration), task_language(task)
+    missing = uncovered_languages(cal, lang)
+    if not missing:
+        return None
+    corpus = (calibration or {}).get("corpus")
+    return (
+        f"{model} was calibrated on {corpus} ({cal}) but {task.label} is {lang} text: GPTQ-style "
+        f"methods keep much less of their gain off the calibration language; calibrate on "
+        f"{'+'.join(sorted(missing))} text or a mix (e.g. --corpus wikitext2+polish)"
+    )
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, CalibrationLanguageWarning, stacklevel=3)
+
+
 @dataclass
 class Evaluator:
     """Runs tasks on candidates against one reference, caching the reference's outputs."""
@@ -137,7 +185,10 @@ class Evaluator:
     workdir: Path | None = None  # where reference log-probs are cached (None: in lockstep)
     timings: dict[str, float] = field(default_factory=dict)
     candidate_key: str | None = None  # names the candidate in resume files (a study sets the cell id)
+    #: Where calibration-language warnings go (one line each; default: a Python warning).
+    warn: Callable[[str], None] = _warn
     _caches: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _warned: set[tuple[str, str, str]] = field(default_factory=set)
 
     def run(
         self,
@@ -162,13 +213,35 @@ class Evaluator:
                 [task] if shared is None else [t for t in tasks if get_kind(t.kind).shared_pass(t) == shared]
             )
             done.update(group)
-            records += kind.run(self, candidate, group, is_reference)
+            new = kind.run(self, candidate, group, is_reference)
+            self._languages(candidate, group, new)
+            records += new
             done.add(task)
             self.timings[task.label] = round(time.time() - t0, 2)
             if on_records is not None:
                 on_records([r for r in records if r.task in {t.label for t in done} - reported])
                 reported = {t.label for t in done}
         return records
+
+    def _languages(self, candidate: LoadedModel, group: list[TaskSpec], records: list[Record]) -> None:
+        """State each record's task and calibration languages; warn once per mismatched task."""
+        info = getattr(candidate, "info", None)  # duck-typed candidates (tests, plugins) may lack one
+        calibration = getattr(info, "calibration", None)
+        cal = calibration_language(calibration)
+        by_label = {t.label: t for t in group}
+        for r in records:
+            t = by_label.get(r.task)
+            r.details.setdefault("lang", task_language(t) if t else None)
+            if cal:
+                r.details.setdefault("calib_lang", cal)
+        if info is None:
+            return
+        for t in group:
+            message = language_warning(info.name, calibration, t)
+            seen = (info.fingerprint, str((calibration or {}).get("key")), t.label)
+            if message and seen not in self._warned:
+                self._warned.add(seen)
+                self.warn(message)
 
     def cache(self, name: str) -> dict[str, Any]:
         """A kind's cache of reference outputs under ``name``, kept for this evaluator's life."""

@@ -99,6 +99,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> LoadedModel:
                 *base.get("notes", []),
                 f"quantized with {manifest['quantization'].get('method', '?')}",
             ],
+            "calibration": base.get("calibration") or manifest["quantization"].get("hessians"),
         }
     )
     loaded = LoadedModel(model, tok, info)

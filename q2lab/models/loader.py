@@ -37,6 +37,8 @@ class ModelInfo:
     n_params: int
     dtype: str
     notes: list[str] = field(default_factory=list)
+    # the Hessian store's description (corpus, windows, language, …) of a quantized model
+    calibration: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -9,7 +9,9 @@
   (:func:`find_dissociations`), and per cell how much of the reference's log-likelihood, MC and
   generation quality it keeps (:func:`retention_rows`);
 * paired statistics against the reference on the same items (:func:`paired_comparisons`,
-  :func:`benchmark_averages`), computed by :mod:`q2lab.study.compare`.
+  :func:`benchmark_averages`), computed by :mod:`q2lab.study.compare`;
+* cells calibrated on another language than some of their tasks
+  (:func:`language_mismatches`).
 
 Everything here reads :class:`~q2lab.study.rows.ModelResults` and returns numbers or records,
 never text (except :meth:`Dissociation.describe`, the one sentence both reports print).
@@ -21,7 +23,11 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from q2lab.data.language import uncovered_languages
+from q2lab.data.registry import looks_like_path
+from q2lab.errors import Q2labError
 from q2lab.eval.stats import Comparison
+from q2lab.eval.tasks import calibration_language, task_language
 from q2lab.study.compare import COMPARED_METRICS, average_of, benchmark_rows, compare_averages, compare_rows
 from q2lab.study.rows import Cell, ModelResults, ResultRow, higher_is_better, task_kind
 
@@ -422,3 +428,67 @@ def benchmark_averages(mr: ModelResults) -> list[BenchmarkAverage]:
 def _dict_rows(mr: ModelResults, cell: Cell) -> dict[str, dict[str, dict]]:
     """The cell's rows as JSON objects, {task: {metric: row}} (what study.compare reads)."""
     return {t: {m: r.to_dict() for m, r in ms.items()} for t, ms in mr.rows_by_task(cell).items()}
+
+
+# --------------------------------------------------------------------------- calibration language
+@dataclass(frozen=True)
+class LanguageMismatch:
+    """A quantized cell scored on tasks in languages its calibration did not include."""
+
+    cell: Cell
+    calibration: str  # the calibration's language(s), "en" or "en+pl"
+    corpus: str | None  # the calibration corpus (or mix), as recorded
+    tasks: tuple[tuple[str, str], ...]  # (task, its language)
+
+    def describe(self) -> str:
+        where = f" ({self.corpus})" if self.corpus else ""
+        tasks = ", ".join(f"{t} ({lang})" for t, lang in self.tasks)
+        return f"**{self.cell.label}** calibrated on {self.calibration}{where}: {tasks}"
+
+
+def language_mismatches(mr: ModelResults) -> list[LanguageMismatch]:
+    """Quantized cells with a task whose language their calibration did not include.
+
+    Languages come from the rows (``details.lang``, ``details.calib_lang``, written since
+    q2lab records them); rows written earlier fall back to the recorded calibration corpus
+    and, for named corpora and MC tasks only, the task's registered language — nothing is read
+    from disk, so a report of old rows is the same on every machine."""
+    found = []
+    for cell in mr.quantized:
+        rows = {task: row for (cid, task, _), row in mr.rows.items() if cid == cell.id}
+        if not rows:
+            continue
+        first = next(iter(rows.values()))
+        hessians = (first.provenance or {}).get("hessians") or {}
+        cal = (first.details or {}).get("calib_lang") or _recorded_calibration_language(hessians)
+        missing = tuple(
+            (task, lang)
+            for task, row in sorted(rows.items())
+            if (lang := _row_language(row)) and uncovered_languages(cal, lang)
+        )
+        if cal and missing:
+            found.append(LanguageMismatch(cell, cal, hessians.get("corpus"), missing))
+    return found
+
+
+def _recorded_calibration_language(hessians: dict) -> str | None:
+    corpus = str(hessians.get("corpus") or "")
+    if not hessians.get("language") and any(looks_like_path(p) for p in corpus.split("+")):
+        return None
+    return calibration_language(hessians)
+
+
+def _row_language(row: ResultRow) -> str | None:
+    lang = (row.details or {}).get("lang")
+    if lang or row.details is None or "lang" in row.details:
+        return lang
+    settings = row.task_settings or {}
+    kind, data = settings.get("kind"), str(settings.get("data") or "")
+    if kind not in ("ppl", "kld", "mc", "harness") or not data or looks_like_path(data):
+        return None
+    from q2lab.eval.tasks import parse_task
+
+    try:
+        return task_language(parse_task(f"{kind}:{data}"))
+    except Q2labError:  # an old row naming a task this version no longer knows
+        return None

@@ -1,4 +1,4 @@
-"""Study YAML schema: models × methods × bits × options grid, one calibration, a task list.
+"""Study YAML schema: models × methods × bits × options grid, one calibration (or several), a task list.
 
 Example (``examples/quickstart.yaml``)::
 
@@ -18,6 +18,17 @@ Example (``examples/quickstart.yaml``)::
 
 Any list-valued option of a method entry is a grid axis (cartesian product).  Everything is
 validated on load, so a typo fails before any model is loaded.
+
+``calibration`` may also be a list of named calibrations — another grid axis, for the cells
+whose method uses Hessians (``fp`` and RTN run once)::
+
+    calibration:
+      - {name: en, corpus: wikitext2, windows: 128}
+      - {name: pl, corpus: polish, windows: 128}
+      - {name: mix, corpus: [wikitext2, polish], weights: [0.5, 0.5], windows: 128}
+
+Such a cell's id and label end in ``@<name>``; with one calibration ids are unchanged.
+A ``corpus`` list (or ``a+b``) is a mix drawn in ``weights`` proportions (default equal).
 """
 
 from __future__ import annotations
@@ -61,6 +72,7 @@ class Cell:
     options: dict[str, Any]
     config: MethodConfig | None  # None for the reference
     name: str | None = None  # the entry's `label`, shown instead of the generated label (not in the id)
+    calib: str | None = None  # the named calibration of a study with several (None: the only one)
 
     @property
     def is_reference(self) -> bool:
@@ -77,10 +89,15 @@ class Cell:
             return f"{model}/fp"
         opts = self.config.to_dict() if self.config else {}
         g = opts.get("group_size", "-")
-        return f"{model}/{self.method}-b{self.bits}-g{g}-{sha256_json(opts)[:6]}"
+        at = f"@{self.calib}" if self.calib else ""
+        return f"{model}/{self.method}-b{self.bits}-g{g}-{sha256_json(opts)[:6]}{at}"
 
     @property
     def label(self) -> str:
+        at = f" @{self.calib}" if self.calib else ""
+        return self._label() + at
+
+    def _label(self) -> str:
         if self.name:
             return self.name
         if self.is_reference:
@@ -99,8 +116,9 @@ class StudyConfig:
     models: list[str]
     cells: list[Cell]
     tasks: list[TaskSpec]
-    calibration: CalibSpec | None
+    calibration: CalibSpec | None  # the first (or only) calibration
     calibration_store: str | None = None
+    calibrations: dict[str | None, CalibSpec] = field(default_factory=dict)  # name → spec; {None: …} if one
     seed: int = 0
     dtype: str = "float32"
     description: str = ""
@@ -147,19 +165,26 @@ def parse_study(raw: Any, source: str = "study") -> StudyConfig:
         raise ConfigError(f"{source}: each task may appear once, got {labels}")
     for t in tasks:
         check_data(t)
-    cells = [cell for m in models for entry in methods for cell in _expand(m, entry, source)]
+    calibs, calib_store = _calibrations(raw.get("calibration"), source)
+    cells = [
+        cell
+        for m in models
+        for entry in methods
+        for base in _expand(m, entry, source)
+        for cell in _per_calibration(base, calibs)
+    ]
     ids = [c.id for c in cells]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:
         raise ConfigError(f"{source}: the grid has duplicate cells {dupes}")
-    calib = _calibration(raw.get("calibration"), source)
     cfg = StudyConfig(
         name=str(raw.get("name") or Path(source).stem),
         models=list(models),
         cells=cells,
         tasks=tasks,
-        calibration=calib[0],
-        calibration_store=calib[1],
+        calibration=next(iter(calibs.values()), None),
+        calibration_store=calib_store,
+        calibrations=calibs,
         seed=int(raw.get("seed", 0)),
         dtype=str(raw.get("dtype", "float32")),
         description=str(raw.get("description", "")),
@@ -181,12 +206,35 @@ def _mapping(value: Any, what: str) -> dict[str, Any]:
     return dict(value)
 
 
-def _calibration(value: Any, source: str) -> tuple[CalibSpec | None, str | None]:
+def _calibrations(value: Any, source: str) -> tuple[dict[str | None, CalibSpec], str | None]:
+    """The study's calibrations by name ({None: spec} for a single mapping) and its store root."""
     if value is None:
-        return None, None
+        return {}, None
+    if not isinstance(value, list):
+        spec, store = _calibration(value, source, named=False)
+        return {None: spec}, store
+    if not value:
+        raise ConfigError(f"{source}: calibration must be a mapping or a non-empty list of mappings")
+    out: dict[str | None, CalibSpec] = {}
+    for i, entry in enumerate(value):
+        entry = _mapping(entry, f"{source}: calibration[{i}]")
+        name = entry.pop("name", None)
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+            raise ConfigError(
+                f"{source}: calibration[{i}] needs a 'name' of letters, digits, '.', '_' or '-', got {name!r}"
+            )
+        if name in out:
+            raise ConfigError(f"{source}: calibration name {name!r} appears twice")
+        out[name] = _calibration(entry, f"{source}: calibration {name}", named=True)[0]
+    return out, None
+
+
+def _calibration(value: Any, source: str, named: bool) -> tuple[CalibSpec, str | None]:
     spec = _mapping(value, f"{source}: calibration")
     store = spec.pop("store", None)
-    known = {"corpus", "windows", "ctx", "seed"}
+    if store is not None and named:
+        raise ConfigError(f"{source}: 'store' applies to a study with a single calibration mapping")
+    known = {"corpus", "windows", "ctx", "seed", "weights"}
     unknown = sorted(set(spec) - known)
     if unknown:
         raise ConfigError(
@@ -195,7 +243,23 @@ def _calibration(value: Any, source: str) -> tuple[CalibSpec | None, str | None]
     for key in ("windows", "ctx"):
         if key in spec and (not isinstance(spec[key], int) or spec[key] < 1):
             raise ConfigError(f"{source}: calibration {key} must be a positive integer, got {spec[key]!r}")
-    return CalibSpec(**spec), store
+    if isinstance(spec.get("corpus"), list):
+        spec["corpus"] = "+".join(str(c) for c in spec["corpus"])
+    if spec.get("weights") is not None:
+        w = spec["weights"]
+        spec["weights"] = tuple(w) if isinstance(w, list | tuple) else (w,)
+    try:
+        return CalibSpec(**spec), store
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def _per_calibration(cell: Cell, calibs: dict[str | None, CalibSpec]) -> list[Cell]:
+    """A Hessian-using cell once per named calibration; every other cell once."""
+    names = [n for n in calibs if n is not None]
+    if not names or cell.is_reference or not get_quantizer(cell.method).uses_hessian(cell.config):
+        return [cell]
+    return [dataclasses.replace(cell, calib=n) for n in names]
 
 
 def _expand(model: str, entry: Any, source: str) -> list[Cell]:

@@ -33,6 +33,14 @@ AVERAGE_HEADER = ["Cell", "average [95% CI]", "Δ vs reference [95% CI]", "p", "
 
 
 # --------------------------------------------------------------------------- numbers
+#: The report's note above the cells calibrated on another language than some of their tasks.
+LANGUAGE_NOTE = (
+    "**Calibration language.** These cells were calibrated on text in another language than "
+    "some of their tasks; Hessian-based methods keep less of their gain off the calibration "
+    "language, so calibrate on the task's language or a mix (`corpus: [wikitext2, polish]`):"
+)
+
+
 def decimals_for(x: float) -> int:
     """Decimals showing ~3–4 significant digits: 1234.5, 12.35, 1.234, 0.457, 0.0123."""
     a = abs(x)

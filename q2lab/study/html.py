@@ -30,10 +30,12 @@ from q2lab.study.analysis import (
     MC_KEPT,
     find_dissociations,
     headline_columns,
+    language_mismatches,
     plot_columns,
     retention_rows,
 )
 from q2lab.study.formatting import (
+    LANGUAGE_NOTE,
     MAX_EXAMPLE_CHARS,
     PAIRED_HEADER,
     fmt,
@@ -223,6 +225,10 @@ def _model_html(mr: ModelResults) -> list[str]:
         ]
     for d in dissociations:
         out.append(f'<p class="reasons">† {_inline(d.describe())}</p>')
+    mismatches = language_mismatches(mr)
+    if mismatches:
+        out.append(f"<p>{_inline(LANGUAGE_NOTE)}</p>")
+        out += [f'<p class="reasons">{_inline(m.describe())}</p>' for m in mismatches]
     paired = paired_table_rows(mr)
     if paired:
         out += [

@@ -12,9 +12,16 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from q2lab.study.analysis import find_dissociations, headline_columns, plot_columns
+from q2lab.study.analysis import (
+    LanguageMismatch,
+    find_dissociations,
+    headline_columns,
+    language_mismatches,
+    plot_columns,
+)
 from q2lab.study.formatting import (
     AVERAGE_HEADER,
+    LANGUAGE_NOTE,
     MAX_EXAMPLE_CHARS,
     MISSING,
     PAIRED_HEADER,
@@ -178,6 +185,12 @@ def collapse_examples(mr: ModelResults) -> list[str]:
     return out
 
 
+def language_lines(mismatches: Sequence[LanguageMismatch]) -> list[str]:
+    if not mismatches:
+        return []
+    return ["", f"> {LANGUAGE_NOTE}", ">", *(f"> - {m.describe()}" for m in mismatches)]
+
+
 # --------------------------------------------------------------------------- the report
 def model_section(mr: ModelResults) -> list[str]:
     dissociations = find_dissociations(mr)
@@ -193,6 +206,7 @@ def model_section(mr: ModelResults) -> list[str]:
             ">",
             *(f"> - † {d.describe()}" for d in dissociations),
         ]
+    parts += language_lines(language_mismatches(mr))
     parts += paired_section(mr)
     parts += ["", f"### {mr.model}: cells", "", cells_table(mr), ""]
     for task in mr.tasks():

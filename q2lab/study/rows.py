@@ -94,6 +94,8 @@ class ResultRow:
     label: str | None = None
     options: dict[str, Any] | None = None
     is_reference: bool | None = None
+    # the named calibration of a study with several (absent with one)
+    calibration: str | None = field(default=None, metadata={"omit_none": True})
     bpw: float | None = None
     quantized_fraction: float | None = None
     # the task's settings, the quantization report, provenance, timings

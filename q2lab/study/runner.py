@@ -77,11 +77,11 @@ def run_study(
         if not todo:
             log(f"{model}: all {len(cells)} cells already in {results}")
             continue
-        store_path = _calibrate_if_needed(cfg, model, todo, log)
+        store_paths = _calibrate_if_needed(cfg, model, todo, log)
         if use_ray:
-            _run_ray(cfg, model, todo, store_path, out, results, log)
+            _run_ray(cfg, model, todo, store_paths, out, results, log)
         else:
-            ctx = _CellContext(cfg, model, store_path, out)
+            ctx = _CellContext(cfg, model, store_paths, out)
             for cell, tasks in todo:
                 ctx.run(cell, tasks, log, sink=lambda rows: append_rows(results, rows))
             del ctx
@@ -98,37 +98,49 @@ def pending_tasks(cell: Cell, tasks: list[TaskSpec], done: set) -> list[TaskSpec
     return [t for t in tasks if t.applies_to(cell.is_reference) and (cell.id, t.key()) not in done]
 
 
-def _calibrate_if_needed(cfg: StudyConfig, model: str, todo, log) -> str | None:
+def _calibrate_if_needed(cfg: StudyConfig, model: str, todo, log) -> dict[str | None, str]:
+    """Store paths by calibration name, for the calibrations the pending cells use."""
     from q2lab.quant.base import get_quantizer
 
-    if not any(not c.is_reference and get_quantizer(c.method).uses_hessian(c.config) for c, _ in todo):
-        return None
-    assert cfg.calibration is not None
+    names = [
+        c.calib for c, _ in todo if not c.is_reference and get_quantizer(c.method).uses_hessian(c.config)
+    ]
+    if not names:
+        return {}
     ref = load_model(model, dtype=cfg.dtype)
-    t0 = time.time()
-    store = calibrate(
-        ref, cfg.calibration, root=Path(cfg.calibration_store) if cfg.calibration_store else None
-    )
-    log(f"{model}: Hessians at {store.path} ({time.time() - t0:.1f} s; reused if ≈0)")
+    paths: dict[str | None, str] = {}
+    for name in dict.fromkeys(names):
+        t0 = time.time()
+        store = calibrate(
+            ref,
+            cfg.calibrations[name],
+            root=Path(cfg.calibration_store) if cfg.calibration_store else None,
+        )
+        what = f" ({name})" if name else ""
+        log(f"{model}: Hessians{what} at {store.path} ({time.time() - t0:.1f} s; reused if ≈0)")
+        paths[name] = str(store.path)
     del ref
     gc.collect()
-    return str(store.path)
+    return paths
 
 
 class _CellContext:
     """What cells of one model share in one process: the reference, its caches, the store."""
 
-    def __init__(self, cfg: StudyConfig, model: str, store_path: str | None, out: Path) -> None:
+    def __init__(self, cfg: StudyConfig, model: str, store_paths: dict[str | None, str], out: Path) -> None:
         self.cfg, self.model_name = cfg, model
         self.reference = load_model(model, dtype=cfg.dtype)
-        self.store = HessianStore(Path(store_path)) if store_path else None
+        self.stores = {name: HessianStore(Path(p)) for name, p in store_paths.items()}
         cache = out / "cache"
         cache.mkdir(exist_ok=True)
         self.evaluator = Evaluator(self.reference, workdir=cache)
+        self.log: Callable[[str], None] = print
+        self.evaluator.warn = lambda m: self.log(f"warning: {m}")
 
     def run(self, cell: Cell, tasks: list[TaskSpec], log, sink=None) -> list[dict[str, Any]]:
         """The cell's result rows; with ``sink`` each task's rows also go to it as soon as the
         task finishes, so an interrupted cell keeps its finished tasks."""
+        self.log = log
         log(f"cell {cell.id}: {', '.join(t.label for t in tasks)}")
         t0 = time.time()
         if cell.is_reference:
@@ -136,10 +148,9 @@ class _CellContext:
         else:
             candidate = load_model(self.model_name, dtype=self.cfg.dtype)
             assert cell.config is not None
-            tuner = finetuner(
-                candidate, self.store, cell.config, teacher_data=distill_data(candidate, cell.config)
-            )
-            store = self.store
+            store = self.stores.get(cell.calib)
+            teacher = distill_data(candidate, cell.config)
+            tuner = finetuner(candidate, store, cell.config, teacher_data=teacher)
             report = quantize_model(
                 candidate.model,
                 cell.method,
@@ -152,6 +163,8 @@ class _CellContext:
                 else lambda n=None, ctx=None: calibration_windows(candidate, store, n, ctx),
             )
             qinfo = report.to_dict()
+            if store is not None:
+                candidate.info.calibration = store.describe()
         t_quant = time.time() - t0
         self.evaluator.timings.clear()
         self.evaluator.candidate_key = f"{cell.id}|{sha256_json(cell.options)}"
@@ -174,7 +187,8 @@ class _CellContext:
         self, cell: Cell, cand: LoadedModel, qinfo: dict, t_quant: float, task: TaskSpec, rec: dict[str, Any]
     ) -> dict[str, Any]:
         """The results.jsonl row of one record (:class:`~q2lab.study.rows.ResultRow`, as JSON)."""
-        hessians = self.store.describe() if self.store and not cell.is_reference else None
+        store = self.stores.get(cell.calib)
+        hessians = store.describe() if store and not cell.is_reference else None
         row = ResultRow(
             study=self.cfg.name,
             cell=cell.id,
@@ -184,6 +198,7 @@ class _CellContext:
             label=cell.label,
             options=cell.config.to_dict() if cell.config else {},
             is_reference=cell.is_reference,
+            calibration=cell.calib,
             bpw=qinfo["bpw"],
             quantized_fraction=qinfo.get("quantized_fraction"),
             task_key=task.key(),
@@ -235,7 +250,7 @@ def _task_dict(task: TaskSpec) -> dict[str, Any]:
     return dataclasses.asdict(task)
 
 
-def _run_ray(cfg: StudyConfig, model: str, todo, store_path, out: Path, results: Path, log) -> None:
+def _run_ray(cfg: StudyConfig, model: str, todo, store_paths, out: Path, results: Path, log) -> None:
     try:
         import ray
     except ImportError as e:
@@ -246,7 +261,7 @@ def _run_ray(cfg: StudyConfig, model: str, todo, store_path, out: Path, results:
     @ray.remote(num_cpus=max(1, (os.cpu_count() or 2) // 2))
     def run_cell(cell: Cell, tasks: list[TaskSpec]) -> list[dict[str, Any]]:
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
-        return _CellContext(cfg, model, store_path, out).run(cell, tasks, lambda m: None)
+        return _CellContext(cfg, model, store_paths, out).run(cell, tasks, lambda m: None)
 
     pending = {run_cell.remote(c, ts): c for c, ts in todo}
     while pending:

@@ -303,6 +303,7 @@ class _Spec:
     files: tuple[str, ...]  # relative to $Q2LAB_DATA
     parse: Parser
     prompt: str
+    lang: str = "en"  # ISO 639-1 language of the items
 
 
 def _qa_prompt(question: str, choice: str, lm_eval_task: str) -> str:
@@ -371,18 +372,21 @@ TASKS.update(
             _lazy(_PL, "parse_ppc"),
             'context "Zdanie A: "{a}"\nZdanie B: "{b}"\nPytanie: Czy zdania A i B znaczą to samo?'
             '\nOdpowiedź:", continuation " {label}"' + _PL_NOTE,
+            "pl",
         ),
         "polish_8tags": _Spec(
             ("polish_8tags/test.txt",),
             _lazy(_PL, "parse_8tags"),
             'context "Zdanie: "{s}"\nPytanie: Jakiego tematu dotyczy to zdanie?\nOdpowiedź:", '
             'continuation " {topic}"' + _PL_NOTE,
+            "pl",
         ),
         "polish_cdsc_e": _Spec(
             ("polish_cdsc_e/CDS_test_annotated.txt",),
             _lazy(_PL, "parse_cdsc_e"),
             'context "Zdanie A: "{a}"\nZdanie B: "{b}"\nPytanie: Czy zdanie B wynika ze zdania A?'
             '\nOdpowiedź:", continuation " {tak|nie|nie wiadomo}"' + _PL_NOTE,
+            "pl",
         ),
         **{
             f"polish_wccrs_{domain}": _Spec(
@@ -390,6 +394,7 @@ TASKS.update(
                 _lazy(_PL, "parse_wccrs"),
                 'context "Opinia: "{s}"\nPytanie: Jaki wydźwięk ma ta opinia?\nOdpowiedź:", '
                 'continuation " {sentiment}"' + _PL_NOTE,
+                "pl",
             )
             for domain in ("hotels", "medicine")
         },
@@ -398,6 +403,7 @@ TASKS.update(
             _lazy("q2lab.data.tasks.continuation", "parse_continuation_polish"),
             'context "{3 consecutive sentences}", continuation " {next sentence | 3 length-matched '
             'sentences from elsewhere}" (constructed, seed 0; see q2lab.data.tasks.continuation)',
+            "pl",
         ),
     }
 )
@@ -406,6 +412,18 @@ _GENERIC = _Spec((), _generic, 'context "{context}", continuation " {choice}" (g
 
 def mc_task_names() -> list[str]:
     return sorted(TASKS)
+
+
+def mc_language(name_or_path: str) -> str | None:
+    """A task's language: the registry's for named tasks, detected on the items of a local file
+    (contexts and choices); None when unclear."""
+    key = name_or_path.lower()
+    if key in TASKS:
+        return TASKS[key].lang
+    from q2lab.data.language import text_language
+
+    items = load_mc_task(name_or_path).items
+    return text_language(" ".join(f"{it.context} {' '.join(it.choices)}" for it in items))
 
 
 def load_mc_task(name_or_path: str, limit: int | None = None) -> MCTask:

@@ -43,6 +43,15 @@ class GenerationKind(TaskKind):
 
         load_prompts(GEN_ALIASES.get(task.data, task.data))
 
+    def language(self, task: TaskSpec) -> str | None:
+        """The languages of the prompts (each detected; ``"en+pl"`` for a bilingual set)."""
+        from q2lab.data.language import detect_language, join_languages
+        from q2lab.eval.generation import load_prompts
+
+        prompts = load_prompts(GEN_ALIASES.get(task.data, task.data)).head(task.limit).prompts
+        found = {detect_language(p) for p in prompts} - {None}
+        return join_languages(sorted(found)) if found else None
+
     def run(
         self, evaluator: Evaluator, candidate: LoadedModel, tasks: list[TaskSpec], is_reference: bool
     ) -> list[Record]:

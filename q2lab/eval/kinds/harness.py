@@ -26,6 +26,11 @@ class HarnessKind(TaskKind):
         load_mc_task(task.data, limit=task.limit)
         _require()
 
+    def language(self, task: TaskSpec) -> str | None:
+        from q2lab.data.tasks.mc import mc_language
+
+        return mc_language(task.data)
+
     def run(
         self, evaluator: Evaluator, candidate: LoadedModel, tasks: list[TaskSpec], is_reference: bool
     ) -> list[Record]:

@@ -32,6 +32,10 @@ class IFEvalKind(TaskKind):
         load_ifeval(task.data, limit=task.limit, sample=task.sample, seed=task.seed)
         _registry()
 
+    def language(self, task: TaskSpec) -> str | None:
+        """The staged IFEval prompts are English; a local file's language is not guessed."""
+        return "en" if task.data == "ifeval" else None
+
     def run(
         self, evaluator: Evaluator, candidate: LoadedModel, tasks: list[TaskSpec], is_reference: bool
     ) -> list[Record]:

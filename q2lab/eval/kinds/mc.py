@@ -23,6 +23,11 @@ class MultipleChoiceKind(TaskKind):
 
         load_mc_task(task.data, limit=task.limit)
 
+    def language(self, task: TaskSpec) -> str | None:
+        from q2lab.data.tasks.mc import mc_language
+
+        return mc_language(task.data)
+
     def run(
         self, evaluator: Evaluator, candidate: LoadedModel, tasks: list[TaskSpec], is_reference: bool
     ) -> list[Record]:

@@ -8,7 +8,7 @@ from collections.abc import Hashable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from q2lab.data.text import corpus_windows, load_corpus
+from q2lab.data.text import corpus_language, corpus_windows, load_corpus
 from q2lab.errors import ConfigError
 from q2lab.eval.likelihood import ReferenceCache, kld_records, ppl_records, score_windows
 from q2lab.eval.registry import TaskKind, register_kind
@@ -32,6 +32,9 @@ class _Likelihood(TaskKind):
 
     def check_data(self, task: TaskSpec) -> None:
         load_corpus(task.data, role="eval")
+
+    def language(self, task: TaskSpec) -> str | None:
+        return corpus_language(task.data)
 
     def shared_pass(self, task: TaskSpec) -> Hashable:
         return ("likelihood", task.data, task.windows, task.ctx, task.kv)
