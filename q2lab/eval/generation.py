@@ -58,6 +58,7 @@ from q2lab.data.language import (  # noqa: F401  (re-exported: the drift check's
 from q2lab.errors import ConfigError, DataError, ShapeError
 from q2lab.eval.records import Record
 from q2lab.eval.stats import UNITS_KEY, UnitScores, ids_sha256, mean_ci
+from q2lab.quant.kv import KVConfig, kivi_cache
 from q2lab.utils.kvcache import cache_kwargs, output_cache, reserve
 from q2lab.utils.progress import progress
 
@@ -334,6 +335,7 @@ def generate(
     logits_processor: LogitsProcessor | None = None,
     done: Mapping[int, GenSample] | None = None,
     on_batch: Callable[[dict[int, GenSample]], None] | None = None,
+    kv: KVConfig | None = None,
 ) -> list[GenSample]:
     """Continue each prompt by up to ``max_new_tokens`` tokens, stopping at EOS.
 
@@ -344,7 +346,9 @@ def generate(
     (the Hugging Face signature) may rewrite the last-position logits before each choice —
     tests use it to force a loop.  ``done`` holds samples already generated (by prompt index,
     from a resume file): only the other prompts are decoded, each batch's new samples go to
-    ``on_batch`` as soon as it finishes.
+    ``on_batch`` as soon as it finishes.  ``kv`` decodes through a quantized KV cache
+    (:func:`q2lab.quant.kv.kivi_cache`, prompt included); with it a row's left padding shares
+    the first key group of that row, so batched and unbatched samples may differ slightly.
     """
     texts = list(prompts.prompts if isinstance(prompts, PromptSet) else prompts)
     lengths = [max_new_tokens] * len(texts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
@@ -371,7 +375,7 @@ def generate(
         n = lengths[batch[0]]
         gens = None if greedy else [_prompt_generator(seed, i) for i in batch]
         rows = _generate_batch(
-            loaded.model, [encoded[i] for i in batch], n, stop, gens, temperature, logits_processor
+            loaded.model, [encoded[i] for i in batch], n, stop, gens, temperature, logits_processor, kv
         )
         fresh = {
             i: GenSample(
@@ -427,6 +431,7 @@ def _generate_batch(
     gens: list[torch.Generator] | None,
     temperature: float,
     logits_processor: LogitsProcessor | None,
+    kv: KVConfig | None = None,
 ) -> list[tuple[list[int], bool]]:
     """Decode one left-padded batch; returns (new ids before EOS, hit EOS) per row.
 
@@ -438,7 +443,10 @@ def _generate_batch(
     ids, mask = _left_pad(encoded, pad_id)
     ids, mask, stop = ids.to(device), mask.to(device), stop.to(device)
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    quantized = {} if kv is None else cache_kwargs(model, kivi_cache(model, kv))
+    out = model(
+        input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **quantized
+    )
     cache, seq = reserve(output_cache(out), max_new_tokens), ids
     live = torch.arange(len(encoded))  # batch row → prompt index
     done = torch.zeros(len(encoded), dtype=torch.bool, device=device)

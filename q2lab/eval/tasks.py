@@ -61,7 +61,7 @@ class TaskSpec:
     seed: int = 0  # gen: sampling seed (per prompt streams, see generation.generate); ifeval: subset seed
     sample: int | None = None  # ifeval: a seeded random subset of N items (after limit)
     kv: tuple | None = (
-        None  # ppl/kld: the candidate's KV cache quantized, ((bits, b), (group, g), (residual, r))
+        None  # ppl/kld/gen: the candidate's KV cache quantized, ((bits, b), (group, g), (residual, r))
     )
 
     @property
@@ -121,8 +121,8 @@ def parse_task(spec: str | dict[str, Any], **defaults: Any) -> TaskSpec:
     if opts.get("kv") is not None:
         from q2lab.quant.kv import KVConfig
 
-        if kind not in ("ppl", "kld"):
-            raise ConfigError(f"task {name}: kv (a quantized KV cache) applies to ppl and kld tasks")
+        if kind not in ("ppl", "kld", "gen"):
+            raise ConfigError(f"task {name}: kv (a quantized KV cache) applies to ppl, kld and gen tasks")
         opts["kv"] = tuple(sorted(dataclasses.asdict(KVConfig.parse(opts["kv"])).items()))
     for key in ("windows", "ctx", "limit", "max_new_tokens", "batch_size", "sample"):
         v = opts.get(key)

@@ -137,5 +137,62 @@ def test_ppl_and_kld_tasks_take_a_quantized_cache(tiny, tiny_text_file):
     assert ppl2.value != base.value and kl.value > 0  # the fp model against itself: only the cache differs
     info = ppl2.details["kv"]
     assert info["bits"] == 2 and 0 < info["bytes_per_token"] < info["float_bytes_per_token"] / 4
-    with pytest.raises(ConfigError, match=r"kv .* applies to ppl and kld"):
-        parse_task({"task": "gen:collapse", "kv": {"bits": 2}})
+    with pytest.raises(ConfigError, match=r"kv .* applies to ppl, kld and gen"):
+        parse_task({"task": "mc:arc_easy", "kv": {"bits": 2}})
+
+
+PROMPTS = ["The quick brown fox", "All that glitters is not", "Where there is a will"]
+
+
+def test_generation_through_a_float_window_is_exact(tiny):
+    """A residual window longer than prompt + answer never quantizes: the same tokens as the
+    plain cache, batched with left padding and rows leaving the batch."""
+    from q2lab.eval.generation import generate
+
+    plain = generate(tiny, PROMPTS, 12, batch_size=3)
+    window = generate(tiny, PROMPTS, 12, batch_size=3, kv=KVConfig(bits=2, residual=256))
+    assert [s.token_ids for s in window] == [s.token_ids for s in plain]
+
+
+def test_generation_decodes_through_the_quantized_cache(tiny, monkeypatch):
+    from q2lab.eval import generation
+
+    made = []
+
+    def spy(model, cfg):
+        made.append(kivi_cache(model, cfg))
+        return made[-1]
+
+    monkeypatch.setattr(generation, "kivi_cache", spy)
+    cfg = KVConfig(bits=2, residual=0, group=4)
+    samples = generation.generate(tiny, PROMPTS, 12, batch_size=3, kv=cfg)
+    assert len(made) == 1 and len(samples) == len(PROMPTS)
+    layer = made[0].layers[0]
+    assert layer.quantized_tokens >= 4 and layer.k_blocks  # the past was stored in 2 bits
+
+
+def test_gen_task_with_kv_shares_the_reference_pass(tiny, monkeypatch):
+    """``kv`` quantizes the candidate's cache only: the reference decodes once for the task with
+    and without ``kv``, and the candidate decodes through the quantized cache."""
+    from q2lab.eval import generation
+    from q2lab.eval.tasks import Evaluator, parse_task
+
+    calls = []
+    real = generation.generate
+
+    def counting(model, *args, **kwargs):
+        calls.append((model is tiny, kwargs.get("kv")))
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(generation, "generate", counting)
+    plain = parse_task({"task": "gen:collapse", "max_new_tokens": 8, "limit": 3})
+    cached = parse_task(
+        {"task": "gen:collapse", "max_new_tokens": 8, "limit": 3, "kv": {"bits": 2, "residual": 0}}
+    )
+    assert cached.key() != plain.key()
+    ev = Evaluator(tiny)
+    candidate = make_tiny_model("llama")
+    records = ev.run(candidate, [plain]) + ev.run(candidate, [cached])
+    assert {r.task for r in records} == {"gen:collapse"}
+    assert [c for c in calls if c[0]] == [(True, None)]  # the reference: once, float cache
+    assert [c[1] for c in calls if not c[0]] == [None, KVConfig(bits=2, residual=0)]

@@ -71,7 +71,9 @@ class GenerationKind(TaskKind):
         reference = evaluator.reference
         prompts = _prompts(candidate, task)
         who = _REFERENCE if is_reference else None
-        samples = _generate(candidate, prompts, task, evaluator.resume_file(candidate, task, "gen", who=who))
+        run_as = _float_cache(task) if is_reference else task
+        resume = evaluator.resume_file(candidate, run_as, "gen", who=who)
+        samples = _generate(candidate, prompts, task, resume, quantized_cache=not is_reference)
         thresholds = _thresholds(evaluator, task, prompts, samples if is_reference else None)
         fr = None
         if is_reference:  # scored once already, to calibrate the thresholds
@@ -119,12 +121,19 @@ def _lengths(prompts, task: TaskSpec) -> int | tuple[int, ...]:
     return prompts.lengths
 
 
-def _generate(model: LoadedModel, prompts, task: TaskSpec, resume: Path | None = None):
+def _generate(
+    model: LoadedModel, prompts, task: TaskSpec, resume: Path | None = None, quantized_cache: bool = False
+):
     """The model's samples of every prompt; with a ``resume`` file (a study's workdir) finished
     batches are kept there, so an interrupted cell, a re-judged cell and another process's cells
-    reuse them instead of decoding again (the whole chat suite is ~10 min on 2 CPU cores)."""
+    reuse them instead of decoding again (the whole chat suite is ~10 min on 2 CPU cores).
+    ``quantized_cache``: decode through the task's ``kv`` cache (the candidate; the reference
+    always decodes with a float cache)."""
     from q2lab.eval.generation import GenSample, generate, prompts_sha256
+    from q2lab.quant.kv import KVConfig
     from q2lab.utils.resume import append_resume, read_resume
+
+    kv = KVConfig(**dict(task.kv)) if quantized_cache and task.kv is not None else None
 
     greedy = task.temperature is None
     lengths = _lengths(prompts, task)
@@ -134,7 +143,7 @@ def _generate(model: LoadedModel, prompts, task: TaskSpec, resume: Path | None =
         "max_new_tokens": per_prompt,
         "temperature": task.temperature,
         "seed": task.seed,
-    }
+    } | ({"kv": dict(task.kv)} if kv is not None else {})
     done = {
         int(k): GenSample(
             prompts.prompts[int(k)],
@@ -165,11 +174,20 @@ def _generate(model: LoadedModel, prompts, task: TaskSpec, resume: Path | None =
         batch_size=task.batch_size or 8,
         done=done,
         on_batch=keep,
+        kv=kv,
     )
 
 
+def _float_cache(task: TaskSpec) -> TaskSpec:
+    """The task as the reference runs it: ``kv`` quantizes the candidate's cache only, so the
+    reference's samples, NLL and thresholds are shared with the same task without ``kv``."""
+    import dataclasses
+
+    return dataclasses.replace(task, kv=None)
+
+
 def _key(task: TaskSpec, prompts) -> str:
-    return f"{task.key()}|{prompts.sha256}"
+    return f"{_float_cache(task).key()}|{prompts.sha256}"
 
 
 def _thresholds(evaluator: Evaluator, task: TaskSpec, prompts, own_samples: Any):
@@ -185,7 +203,7 @@ def _thresholds(evaluator: Evaluator, task: TaskSpec, prompts, own_samples: Any)
         if reference is None:
             cache[key] = CollapseThresholds()
         else:
-            resume = evaluator.resume_file(reference, task, "gen", who=_REFERENCE)
+            resume = evaluator.resume_file(reference, _float_cache(task), "gen", who=_REFERENCE)
             ref_samples = own_samples or _generate(reference, prompts, task, resume)
             evaluator.cache(_REF_SAMPLES)[key] = ref_samples
             nll = evaluator.cache(_REF_NLL)[key] = reference_nll(reference, ref_samples)
