@@ -9,8 +9,10 @@ Cases (each in its own subprocess, so every ``ru_maxrss`` is its own):
   the memory of the codes, paying the decode per token);
 * each with a float KV cache and with a 2-bit KIVI cache (``q2lab/quant/kv.py``; residual 32,
   group 32);
-* the peer: llama.cpp (``llama-cpp-python``) decoding a Q4_K_M GGUF that q2lab exports from the
-  same float model, and the float (F32) GGUF — on the same threads, same prompt, same count.
+* the peers: llama.cpp (``llama-cpp-python``) decoding a Q4_K_M GGUF that q2lab exports from
+  the same float model, and the float (F32) GGUF — on the same threads, same prompt, same
+  count; for the KV cache, transformers' own ``QuantizedCache`` with its quanto and HQQ
+  backends (2-bit, the same residual and group), where those packages install.
 
 Every case decodes exactly ``--new`` tokens (EOS is masked), after the same prompt.  Peak RSS is
 the process high-water mark after decoding, minus nothing (it includes torch and the model).
@@ -60,7 +62,20 @@ def _q2lab_case(args: dict) -> dict:
         import q2lab.eval.generation as g
 
         make = g.kivi_cache
+        if args.get("kv_backend"):  # the peer: transformers' QuantizedCache in place of q2lab's
+            from transformers.cache_utils import QuantizedCache
+
+            def make(model, c):
+                return QuantizedCache(
+                    backend=args["kv_backend"],
+                    config=model.config,
+                    nbits=c.bits,
+                    residual_length=c.residual,
+                    q_group_size=c.group,
+                )
+
         g.kivi_cache = lambda model, c: caches.append(make(model, c)) or caches[-1]
+        generate(loaded, [PROMPT], 4, kv=kv, logits_processor=no_eos)  # warm-up (quanto compiles)
     t0 = time.perf_counter()
     generate(loaded, [PROMPT], 1, kv=kv, logits_processor=no_eos)
     prefill = time.perf_counter() - t0
@@ -72,7 +87,7 @@ def _q2lab_case(args: dict) -> dict:
         "prefill_s": prefill,
         "decode_tok_s": (args["new"] - 1) / max(total - prefill, 1e-9),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "kv_bytes": cache_nbytes(caches[-1]) if caches else None,
+        "kv_bytes": cache_nbytes(caches[-1]) if caches and not args.get("kv_backend") else None,
     }
 
 
@@ -156,6 +171,16 @@ def cases(
                 "kv": kv,
             }
             out.append((f"q2lab {name}, {kv_name}", args))
+    for backend in ("quanto", "hqq"):
+        args = {
+            **base,
+            "kind": "q2lab",
+            "checkpoint": None,
+            "cached": True,
+            "kv": KV_2BIT,
+            "kv_backend": backend,
+        }
+        out.append((f"q2lab fp32, transformers {backend} 2-bit KV", args))
     for name, path in ggufs.items():
         out.append((f"llama.cpp {name}", {**base, "kind": "llamacpp", "gguf": path}))
     return out
