@@ -285,13 +285,15 @@ def test_report_derives_languages_of_old_rows():
     assert "> - **m/gptq** calibrated on en (wikitext2): ppl:polish (pl)" in render_markdown(rows)
 
 
-def test_study_yaml_example_parses():
+def test_study_yaml_examples_parse():
     from pathlib import Path
 
-    raw = yaml.safe_load((Path(__file__).parents[2] / "examples" / "calibration-language.yaml").read_text())
-    cfg = parse_study(raw)
+    examples = Path(__file__).parents[2] / "examples"
+    cfg = parse_study(yaml.safe_load((examples / "calibration-language.yaml").read_text()))
     assert set(cfg.calibrations) == {"en", "pl", "mix"}
     assert cfg.calibrations["mix"].corpus == "wikitext2+polish"
+    sweep = parse_study(yaml.safe_load((examples / "calibration-windows.yaml").read_text()))
+    assert sorted({c.windows for c in sweep.calibrations.values()}) == [8, 32, 128, 512]
 
 
 def test_study_logs_the_warning_and_rows_name_their_calibration(texts, tmp_path, monkeypatch):
