@@ -43,7 +43,7 @@ def calibrate(
 ) -> HessianStore:
     """Compute (or reuse) the shared Hessian store of ``model``.  ``corpus`` may be a mix
     (``"wikitext2+polish"``) drawn in ``weights`` proportions (default: equal)."""
-    spec = CalibSpec(corpus, windows, ctx, seed, _weights(weights))
+    spec = CalibSpec(corpus, windows, ctx, seed, weights)
     return _calibrate(_as_loaded(model), spec, root=Path(out) if out else None)
 
 
@@ -61,10 +61,6 @@ def open_store(loaded: LoadedModel, calib: str | Path, spec: CalibSpec) -> Hessi
             )
         return store
     return _calibrate(loaded, spec, root=path)
-
-
-def _weights(weights: Sequence[float] | None) -> tuple[float, ...] | None:
-    return None if weights is None else tuple(weights)
 
 
 def _hessians(loaded: LoadedModel, calib: str | Path | None, spec: CalibSpec) -> HessianStore:
@@ -90,7 +86,7 @@ def quantize(
     loaded = _as_loaded(model)
     store = None
     if get_quantizer(method).uses_hessian(cfg):
-        store = _hessians(loaded, calib, CalibSpec(corpus, windows, ctx, seed, _weights(weights)))
+        store = _hessians(loaded, calib, CalibSpec(corpus, windows, ctx, seed, weights))
     report = quantize_model(
         loaded.model,
         method,
@@ -178,7 +174,7 @@ def export(
     loaded = _as_loaded(model)
     matrix = None
     if imatrix is not None and str(imatrix) == "auto":
-        store = _hessians(loaded, calib, CalibSpec(corpus, windows, ctx, seed, _weights(weights)))
+        store = _hessians(loaded, calib, CalibSpec(corpus, windows, ctx, seed, weights))
         matrix = im.from_store(store, imatrix_names(gguf_tensors(loaded.model)))
     elif imatrix is not None:
         matrix = im.read_imatrix(imatrix)

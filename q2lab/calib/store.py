@@ -12,6 +12,7 @@ the model.  Reading is per block, so quantization holds one block's Hessians at 
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import time
@@ -26,8 +27,16 @@ from safetensors.torch import load_file, save_file
 from q2lab.calib.capture import stream_hessians
 from q2lab.calib.hessian import Hessian
 from q2lab.data.language import join_languages
-from q2lab.data.text import CorpusMix, corpus_language, load_corpus, mix_counts, mix_windows, parse_mix
-from q2lab.errors import CorruptFileError, ModelError
+from q2lab.data.text import (
+    Corpus,
+    CorpusMix,
+    corpus_language,
+    load_corpus,
+    mix_counts,
+    mix_windows,
+    parse_mix,
+)
+from q2lab.errors import CorruptFileError, ModelError, Q2labError
 from q2lab.models.arch import find_decoder
 from q2lab.utils.io import atomic_path, cache_dir, sha256_json, write_json_atomic
 from q2lab.utils.provenance import versions
@@ -55,16 +64,14 @@ class CalibSpec:
         object.__setattr__(self, "corpus", mix.name)
         object.__setattr__(self, "weights", None if mix.is_single or self.weights is None else mix.weights)
 
-    @property
+    @functools.cached_property
     def mix(self) -> CorpusMix:
         return parse_mix(self.corpus, self.weights)
 
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"corpus": self.corpus, "windows": self.windows, "ctx": self.ctx}
-        d["seed"] = self.seed
-        if not self.mix.is_single:
-            d["weights"] = list(self.mix.weights)
-        return d
+        mix = self.mix
+        weights = {} if mix.is_single else {"weights": list(mix.weights)}
+        return {"corpus": self.corpus, "windows": self.windows, "ctx": self.ctx, "seed": self.seed, **weights}
 
 
 def store_key(model_fingerprint: str, corpus_sha256: str, spec: CalibSpec, add_bos: bool) -> str:
@@ -98,6 +105,7 @@ class HessianStore:
                 f"{self.path}: Hessian store format {self.manifest.get('format')} is not supported"
             )
         self._block_cache: tuple[int, dict[str, torch.Tensor]] | None = None
+        self._description: dict[str, Any] | None = None
 
     @property
     def key(self) -> str:
@@ -132,6 +140,13 @@ class HessianStore:
         return self.hessian(linear).importance()
 
     def describe(self) -> dict[str, Any]:
+        """The manifest's key fields (a copy; computed once per store object: the row of every
+        record of a study carries it)."""
+        if self._description is None:
+            self._description = self._describe()
+        return dict(self._description)
+
+    def _describe(self) -> dict[str, Any]:
         keep = (
             "key",
             "model",
@@ -149,9 +164,22 @@ class HessianStore:
             "seconds",
         )
         d = {k: self.manifest.get(k) for k in keep}
-        if d["language"] is None and d["corpus"]:  # stores written before languages were recorded
-            d["language"] = corpus_language(str(d["corpus"]))
+        d["language"] = calibration_language(d)  # stores written before languages were recorded lack it
         return d
+
+
+def calibration_language(description: dict[str, Any] | None, read_files: bool = True) -> str | None:
+    """The language of a store's description (:meth:`HessianStore.describe`, a checkpoint's or
+    a record's copy of it): as recorded, else from its corpus name (a local file is read only
+    with ``read_files``); None when unknown or unreadable."""
+    if not description:
+        return None
+    if description.get("language"):
+        return str(description["language"])
+    try:
+        return corpus_language(str(description.get("corpus") or ""), read_files)
+    except (Q2labError, OSError):
+        return None
 
 
 def _slug(name: str) -> str:
@@ -176,11 +204,11 @@ def calibration_windows(
     return mix_windows(loaded, mix, n or spec["windows"], ctx or spec["ctx"], seed=spec["seed"])
 
 
-def corpus_parts(spec: CalibSpec) -> tuple[str, list[dict[str, Any]]]:
+def corpus_parts(spec: CalibSpec, corpora: list[Corpus]) -> tuple[str, list[dict[str, Any]]]:
     """The content hash a store key uses (a single corpus: its file hash, as before mixes; a
-    mix: the hash of every part's name, hash and weight) and the parts as the manifest lists them."""
+    mix: the hash of every part's name, hash and weight) and the parts as the manifest lists
+    them; ``corpora`` are the mix's corpora, loaded."""
     mix = spec.mix
-    corpora = [load_corpus(name, role="calib") for name in mix.names]
     parts = [
         {"corpus": c.name, "sha256": c.sha256, "weight": w, "windows": k, "language": c.language}
         for c, w, k in zip(corpora, mix.weights, mix_counts(spec.windows, mix.weights))
@@ -192,13 +220,14 @@ def corpus_parts(spec: CalibSpec) -> tuple[str, list[dict[str, Any]]]:
 
 def calibrate(loaded, spec: CalibSpec = CalibSpec(), root: Path | None = None) -> HessianStore:
     """Return the store for ``loaded`` and ``spec``, computing it only if it does not exist yet."""
-    corpus_sha256, parts = corpus_parts(spec)
+    corpora = [load_corpus(name, role="calib") for name in spec.mix.names]
+    corpus_sha256, parts = corpus_parts(spec, corpora)
     path, key = store_path(loaded, corpus_sha256, spec, root)
     if (path / MANIFEST).exists():
         store = HessianStore(path)
         if store.key == key:
             return store
-    windows = mix_windows(loaded, spec.mix, spec.windows, spec.ctx, seed=spec.seed)
+    windows = mix_windows(loaded, spec.mix, spec.windows, spec.ctx, seed=spec.seed, corpora=corpora)
     layout = find_decoder(loaded.model)
     linears: dict[str, dict[str, Any]] = {}
     t0 = time.time()

@@ -35,6 +35,7 @@ windows start at seeded random offsets.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -70,7 +71,12 @@ class Corpus:
     text: str
     sha256: str  # of the bytes read
     files: tuple[str, ...]
-    language: str | None = None  # ISO 639-1; None when a local file's language is unclear
+
+    @functools.cached_property
+    def language(self) -> str | None:
+        """ISO 639-1: the registry's for a named split, else detected on the text (None when
+        unclear); computed on first use, so loading a corpus to score it pays nothing for it."""
+        return named_language(self.name) if self.name in SPLITS else text_language(self.text)
 
 
 def corpus_names() -> list[str]:
@@ -91,8 +97,7 @@ def load_corpus(name: str, role: Role = "eval") -> Corpus:
     text = _read_texts(files, strip_books=split == "polish-calib")
     if not text.strip():
         raise DataError(f"corpus {name} ({', '.join(map(str, files))}) is empty")
-    lang = named_language(split) if split in SPLITS else text_language(text)
-    return Corpus(split, text, hash_files(files), tuple(str(f) for f in files), lang)
+    return Corpus(split, text, hash_files(files), tuple(str(f) for f in files))
 
 
 def named_language(name: str) -> str | None:
@@ -100,14 +105,14 @@ def named_language(name: str) -> str | None:
     return CORPUS_LANGUAGES.get(name) or CORPUS_LANGUAGES.get(name.rsplit("-", 1)[0])
 
 
-def corpus_language(name: str) -> str | None:
+def corpus_language(name: str, read_files: bool = True) -> str | None:
     """A corpus's (or a ``+`` mix's) language without tokenizing: the registry for named data,
-    the detector for local files; None when unknown or unreadable."""
+    the detector for local files (only with ``read_files``); None when unknown or unreadable."""
     langs = []
     for part in name.split(MIX_SEP):
         if named_language(part):
             langs.append(named_language(part))
-        elif looks_like_path(part) and Path(part).expanduser().is_file():
+        elif read_files and looks_like_path(part) and Path(part).expanduser().is_file():
             langs.append(load_corpus(part).language)
         else:
             return None
@@ -291,10 +296,13 @@ def mix_counts(n: int, weights: tuple[float, ...]) -> list[int]:
     return counts
 
 
-def mix_windows(loaded, mix: CorpusMix, n: int, ctx: int, *, seed: int = 0) -> torch.Tensor:
+def mix_windows(
+    loaded, mix: CorpusMix, n: int, ctx: int, *, seed: int = 0, corpora: list[Corpus] | None = None
+) -> torch.Tensor:
     """``n`` calibration windows drawn from the mix's corpora in its proportions (random
-    offsets, seed ``seed + i`` for part ``i``), shuffled together with ``seed``."""
-    parts = [load_corpus(name, role="calib") for name in mix.names]
+    offsets, seed ``seed + i`` for part ``i``), shuffled together with ``seed``.  ``corpora``:
+    the mix's corpora already loaded (else read here)."""
+    parts = corpora or [load_corpus(name, role="calib") for name in mix.names]
     if mix.is_single:
         return corpus_windows(loaded, parts[0], n, ctx, mode="random", seed=seed)
     span = ctx - (1 if loaded.info.add_bos else 0)

@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from q2lab.calib.store import calibration_language
 from q2lab.data.language import uncovered_languages
-from q2lab.data.text import corpus_language
 from q2lab.errors import CalibrationLanguageWarning, ConfigError, Q2labError
 from q2lab.eval.records import Record
 from q2lab.eval.registry import get_kind, kind_names
@@ -142,18 +142,6 @@ def task_language(task: TaskSpec) -> str | None:
     None when unknown or when the data cannot be read (language never fails an evaluation)."""
     try:
         return get_kind(task.kind).language(task)
-    except (Q2labError, OSError):
-        return None
-
-
-def calibration_language(calibration: dict[str, Any] | None) -> str | None:
-    """The language of a Hessian store's description: recorded, else from its corpus name."""
-    if not calibration:
-        return None
-    if calibration.get("language"):
-        return str(calibration["language"])
-    try:
-        return corpus_language(str(calibration.get("corpus") or ""))
     except (Q2labError, OSError):
         return None
 

@@ -23,11 +23,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from q2lab.calib.store import calibration_language
 from q2lab.data.language import uncovered_languages
 from q2lab.data.registry import looks_like_path
 from q2lab.errors import Q2labError
 from q2lab.eval.stats import Comparison
-from q2lab.eval.tasks import calibration_language, task_language
+from q2lab.eval.tasks import task_language
 from q2lab.study.compare import COMPARED_METRICS, average_of, benchmark_rows, compare_averages, compare_rows
 from q2lab.study.rows import Cell, ModelResults, ResultRow, higher_is_better, task_kind
 
@@ -460,7 +461,7 @@ def language_mismatches(mr: ModelResults) -> list[LanguageMismatch]:
             continue
         first = next(iter(rows.values()))
         hessians = (first.provenance or {}).get("hessians") or {}
-        cal = (first.details or {}).get("calib_lang") or _recorded_calibration_language(hessians)
+        cal = (first.details or {}).get("calib_lang") or calibration_language(hessians, read_files=False)
         missing = tuple(
             (task, lang)
             for task, row in sorted(rows.items())
@@ -469,13 +470,6 @@ def language_mismatches(mr: ModelResults) -> list[LanguageMismatch]:
         if cal and missing:
             found.append(LanguageMismatch(cell, cal, hessians.get("corpus"), missing))
     return found
-
-
-def _recorded_calibration_language(hessians: dict) -> str | None:
-    corpus = str(hessians.get("corpus") or "")
-    if not hessians.get("language") and any(looks_like_path(p) for p in corpus.split("+")):
-        return None
-    return calibration_language(hessians)
 
 
 def _row_language(row: ResultRow) -> str | None:

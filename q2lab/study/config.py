@@ -116,7 +116,6 @@ class StudyConfig:
     models: list[str]
     cells: list[Cell]
     tasks: list[TaskSpec]
-    calibration: CalibSpec | None  # the first (or only) calibration
     calibration_store: str | None = None
     calibrations: dict[str | None, CalibSpec] = field(default_factory=dict)  # name → spec; {None: …} if one
     seed: int = 0
@@ -124,6 +123,11 @@ class StudyConfig:
     description: str = ""
     skip: list[str] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def calibration(self) -> CalibSpec | None:
+        """The first (or only) calibration."""
+        return next(iter(self.calibrations.values()), None)
 
     @property
     def needs_hessians(self) -> bool:
@@ -182,7 +186,6 @@ def parse_study(raw: Any, source: str = "study") -> StudyConfig:
         models=list(models),
         cells=cells,
         tasks=tasks,
-        calibration=next(iter(calibs.values()), None),
         calibration_store=calib_store,
         calibrations=calibs,
         seed=int(raw.get("seed", 0)),
@@ -245,9 +248,6 @@ def _calibration(value: Any, source: str, named: bool) -> tuple[CalibSpec, str |
             raise ConfigError(f"{source}: calibration {key} must be a positive integer, got {spec[key]!r}")
     if isinstance(spec.get("corpus"), list):
         spec["corpus"] = "+".join(str(c) for c in spec["corpus"])
-    if spec.get("weights") is not None:
-        w = spec["weights"]
-        spec["weights"] = tuple(w) if isinstance(w, list | tuple) else (w,)
     try:
         return CalibSpec(**spec), store
     except ConfigError as e:

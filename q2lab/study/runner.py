@@ -134,13 +134,11 @@ class _CellContext:
         cache = out / "cache"
         cache.mkdir(exist_ok=True)
         self.evaluator = Evaluator(self.reference, workdir=cache)
-        self.log: Callable[[str], None] = print
-        self.evaluator.warn = lambda m: self.log(f"warning: {m}")
 
     def run(self, cell: Cell, tasks: list[TaskSpec], log, sink=None) -> list[dict[str, Any]]:
         """The cell's result rows; with ``sink`` each task's rows also go to it as soon as the
         task finishes, so an interrupted cell keeps its finished tasks."""
-        self.log = log
+        self.evaluator.warn = lambda m: log(f"warning: {m}")
         log(f"cell {cell.id}: {', '.join(t.label for t in tasks)}")
         t0 = time.time()
         if cell.is_reference:
