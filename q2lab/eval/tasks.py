@@ -20,7 +20,9 @@ Task strings (CLI ``--task``, study YAML ``tasks:``) are ``KIND:DATA``:
 Each kind is a registered :class:`~q2lab.eval.registry.TaskKind` (:mod:`q2lab.eval.kinds`, one
 module per kind): its option defaults, its data check and how it runs; :class:`Evaluator` looks
 kinds up by name.  ``ppl`` and ``kld`` on the same corpus and windows share one candidate
-forward pass.  Every record states the task's language (``details.lang``) and, for a quantized
+forward pass.  Two variants of one task (another ``ctx``, a ``kv`` cache) are told apart by their
+label ``KIND:DATA@TAG`` (option ``tag``; a ``kv`` task is ``@kvB`` by default), which is the
+records' ``task``.  Every record states the task's language (``details.lang``) and, for a quantized
 candidate, its calibration's (``details.calib_lang``); when the calibration did not include the
 task's language the evaluator warns once per task (:func:`language_warning`).
 The reference's outputs (KLD log-probs, generation thresholds) are computed once
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import time
 import warnings
 from collections.abc import Callable
@@ -63,14 +66,22 @@ class TaskSpec:
     kv: tuple | None = (
         None  # ppl/kld/gen: the candidate's KV cache quantized, ((bits, b), (group, g), (residual, r))
     )
+    tag: str | None = None  # a variant's name: the label becomes KIND:DATA@TAG
 
     @property
     def label(self) -> str:
-        return f"{self.kind}:{self.data}"
+        """``KIND:DATA``, the records' ``task``; a variant of the same data (another ``ctx``, a
+        quantized KV cache) is ``KIND:DATA@TAG`` so both fit in one study: ``tag`` when given,
+        else ``kvB`` for a task with a B-bit KV cache."""
+        tag = self.tag
+        if tag is None and self.kv is not None:
+            tag = f"kv{dict(self.kv)['bits']}"
+        return f"{self.kind}:{self.data}" + (f"@{tag}" if tag else "")
 
     def applies_to(self, is_reference: bool) -> bool:
-        """Whether a cell gets rows for this task (the reference has no KLD to itself)."""
-        return not (is_reference and get_kind(self.kind).compares_to_reference)
+        """Whether a cell gets rows for this task: the reference has no KLD to itself, except
+        through a quantized KV cache (``kv``), which is all that differs then."""
+        return not (is_reference and get_kind(self.kind).compares_to_reference and self.kv is None)
 
     def key(self) -> str:
         """Hash of everything that changes the task's numbers (for resumable studies).  Fields
@@ -83,7 +94,15 @@ class TaskSpec:
 
 
 #: Fields added to TaskSpec later, with the default that leaves a task's key unchanged.
-_LATER_FIELDS: dict[str, Any] = {"chat": None, "temperature": None, "seed": 0, "sample": None, "kv": None}
+_LATER_FIELDS: dict[str, Any] = {
+    "chat": None,
+    "temperature": None,
+    "seed": 0,
+    "sample": None,
+    "kv": None,
+    "tag": None,
+}
+_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,39}")
 
 
 _OPTION_KEYS = {f.name for f in dataclasses.fields(TaskSpec)} - {"kind", "data"}
@@ -124,6 +143,12 @@ def parse_task(spec: str | dict[str, Any], **defaults: Any) -> TaskSpec:
         if kind not in ("ppl", "kld", "gen"):
             raise ConfigError(f"task {name}: kv (a quantized KV cache) applies to ppl, kld and gen tasks")
         opts["kv"] = tuple(sorted(dataclasses.asdict(KVConfig.parse(opts["kv"])).items()))
+    tag = opts.get("tag")
+    if tag is not None and (not isinstance(tag, str) or not _TAG.fullmatch(tag)):
+        raise ConfigError(
+            f"task {name}: tag must be a short name of letters, digits and _.+- (it becomes "
+            f"{name}@TAG), got {tag!r}"
+        )
     for key in ("windows", "ctx", "limit", "max_new_tokens", "batch_size", "sample"):
         v = opts.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -201,7 +226,8 @@ class Evaluator:
                 [task] if shared is None else [t for t in tasks if get_kind(t.kind).shared_pass(t) == shared]
             )
             done.update(group)
-            new = kind.run(self, candidate, group, is_reference)
+            # a quantized KV cache makes the reference a candidate: its weights with another cache
+            new = kind.run(self, candidate, group, is_reference and task.kv is None)
             self._languages(candidate, group, new)
             records += new
             done.add(task)

@@ -141,6 +141,27 @@ def test_ppl_and_kld_tasks_take_a_quantized_cache(tiny, tiny_text_file):
         parse_task({"task": "mc:arc_easy", "kv": {"bits": 2}})
 
 
+def test_task_variants_have_their_own_labels(tiny, tiny_text_file):
+    """The same data with and without a quantized cache, or at another ctx, fits in one run:
+    each variant's records carry its label ``KIND:DATA@TAG``, and plain tasks keep their keys."""
+    from q2lab.eval.tasks import Evaluator, parse_task
+
+    name = f"ppl:{tiny_text_file}"
+    plain = parse_task(name, windows=2, ctx=64)
+    kv2 = parse_task({"task": name, "kv": {"bits": 2, "residual": 0, "group": 16}}, windows=2, ctx=64)
+    long = parse_task({"task": name, "ctx": 128, "tag": "ctx128"}, windows=1)
+    assert (plain.label, kv2.label, long.label) == (name, name + "@kv2", name + "@ctx128")
+    assert parse_task({"task": name, "tag": None}, windows=2, ctx=64).key() == plain.key()
+    records = Evaluator(tiny).run(make_tiny_model("llama"), [plain, kv2, long])
+    by_task = {r.task: r for r in records}
+    assert set(by_task) == {plain.label, kv2.label, long.label}
+    assert by_task[kv2.label].value != by_task[plain.label].value
+    assert by_task[long.label].details["ctx"] == 128 and by_task[plain.label].details["ctx"] == 64
+    for bad in ("", "a b", "x" * 41, 3):
+        with pytest.raises(ConfigError, match="tag must be a short name"):
+            parse_task({"task": name, "tag": bad})
+
+
 PROMPTS = ["The quick brown fox", "All that glitters is not", "Where there is a will"]
 
 
@@ -193,6 +214,40 @@ def test_gen_task_with_kv_shares_the_reference_pass(tiny, monkeypatch):
     ev = Evaluator(tiny)
     candidate = make_tiny_model("llama")
     records = ev.run(candidate, [plain]) + ev.run(candidate, [cached])
-    assert {r.task for r in records} == {"gen:collapse"}
+    assert {r.task for r in records} == {"gen:collapse", "gen:collapse@kv2"}
     assert [c for c in calls if c[0]] == [(True, None)]  # the reference: once, float cache
     assert [c[1] for c in calls if not c[0]] == [None, KVConfig(bits=2, residual=0)]
+
+
+def test_the_reference_through_a_quantized_cache_is_a_candidate(tiny, tiny_text_file):
+    """Float weights with a 2-bit cache differ from the reference only by the cache: the
+    reference cell gets KLD and generation rows for ``kv`` tasks, and none for plain KLD."""
+    from q2lab.eval.tasks import Evaluator, parse_task
+
+    kv = {"bits": 2, "residual": 0, "group": 16}
+    kld = parse_task(f"kld:{tiny_text_file}", windows=2, ctx=64)
+    kld_kv = parse_task({"task": f"kld:{tiny_text_file}", "kv": kv}, windows=2, ctx=64)
+    assert not kld.applies_to(True) and kld_kv.applies_to(True) and kld_kv.applies_to(False)
+    ev = Evaluator(tiny)
+    (mean,) = [r for r in ev.run(tiny, [kld_kv]) if r.metric == "kld_mean"]
+    assert mean.task == kld_kv.label and mean.value > 0
+    gen = parse_task({"task": "gen:collapse", "max_new_tokens": 8, "limit": 2, "kv": kv})
+    metrics = {r.metric for r in ev.run(tiny, [gen])}
+    assert "tf_kld" in metrics or "fr_kld" in metrics  # judged against the float-cache reference
+
+
+def test_a_study_holds_a_task_with_and_without_the_cache(tiny_text_file):
+    from q2lab.study.config import parse_study
+
+    kv = {"bits": 2, "residual": 0}
+    raw = {
+        "name": "kv",
+        "models": ["llama-tiny"],
+        "methods": [{"method": "fp"}, {"method": "rtn", "bits": 4}],
+        "tasks": [f"ppl:{tiny_text_file}", {"task": f"ppl:{tiny_text_file}", "kv": kv}],
+    }
+    cfg = parse_study(raw)
+    assert [t.label for t in cfg.tasks] == [f"ppl:{tiny_text_file}", f"ppl:{tiny_text_file}@kv2"]
+    raw["tasks"].append({"task": f"ppl:{tiny_text_file}", "kv": {**kv, "group": 16}})  # same label
+    with pytest.raises(ConfigError, match="each task may appear once"):
+        parse_study(raw)
