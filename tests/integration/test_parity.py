@@ -1,4 +1,4 @@
-"""Both packaged models: q2lab's float reference is exactly what transformers makes of the GGUF.
+"""The packaged models: q2lab's float reference is exactly what transformers makes of the GGUF.
 
 q2lab converts a GGUF once to a plain Hugging Face folder and loads that; the oracle here is
 transformers loading the shipped GGUF file itself, with nothing of q2lab in between.  The two
@@ -29,7 +29,12 @@ WINDOWS, CTX = 4, 512
 
 
 @pytest.mark.parametrize(
-    "alias,model_type,add_bos", [("smollm2-135m", "llama", False), ("gemma3-270m", "gemma3_text", True)]
+    "alias,model_type,add_bos",
+    [
+        ("smollm2-135m", "llama", False),
+        ("gemma3-270m", "gemma3_text", True),
+        ("qwen2.5-coder-0.5b", "qwen2", False),  # q/k/v biases, GQA 14/2, an untied output matrix
+    ],
 )
 def test_reference_equals_transformers_on_the_gguf(alias, model_type, add_bos) -> None:
     from transformers import AutoModelForCausalLM

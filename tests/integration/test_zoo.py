@@ -11,7 +11,12 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.mark.parametrize(
-    ("alias", "arch", "bos"), [("smollm2-135m", "llama", False), ("gemma3-270m", "gemma3", True)]
+    ("alias", "arch", "bos"),
+    [
+        ("smollm2-135m", "llama", False),
+        ("gemma3-270m", "gemma3", True),
+        ("qwen2.5-coder-0.5b", "qwen2", False),
+    ],
 )
 def test_fetch_assembles_and_verifies(alias, arch, bos):
     path = zoo.fetch(alias, quiet=True)

@@ -295,3 +295,36 @@ def test_imatrix_from_hessian_store_is_the_diagonal(tiny256, tiny_text_file, tmp
     back = read_imatrix(write_imatrix(tmp_path / "auto.gguf", im))
     for gname, v in im.values.items():  # exact: llama-quantize reads back the very same importance
         assert np.array_equal(back.values[gname], v), gname
+
+
+@needs_llamacpp
+def test_qwen2_export_runs_in_llamacpp(tmp_path) -> None:
+    """A Qwen2-shaped model (Q/K/V biases, NeoX rope, grouped KV heads): llama.cpp's qwen2 graph on
+    our F32 file gives the model's logits, the Q4_K_M file equals llama.cpp's quantization of it,
+    and ``load_into`` reads the biases back."""
+    import torch
+
+    from q2lab.export.gguf import differing_tensors
+    from q2lab.quant.ggml.llamacpp import logits
+
+    lm = make_tiny_model("qwen2", hidden_size=256, intermediate_size=512, num_hidden_layers=2, seed=3)
+    with torch.no_grad():
+        for name, p in lm.model.named_parameters():
+            if name.endswith("proj.bias"):
+                p.normal_(0, 0.5)  # the biases must matter for the check to bite
+    tokens = lm.tokenizer("The quick brown fox jumps over the lazy dog.")["input_ids"]
+    with torch.no_grad():
+        float_logits = lm.model(torch.tensor([tokens])).logits[0].numpy()
+    f32 = tmp_path / "f.gguf"
+    export_gguf(lm, f32, "F32")
+    assert {f"blk.0.attn_{x}.bias" for x in "qkv"} <= set(_tensors(f32))
+    assert np.abs(logits(f32, tokens) - float_logits).max() < 1e-3
+    ref = tmp_path / "ref.gguf"
+    llamacpp.quantize_file(f32, ref, "Q4_K_M", nthread=1)
+    export_gguf(lm, tmp_path / "q.gguf", "Q4_K_M")
+    assert differing_tensors(ref, tmp_path / "q.gguf") == []
+    bias = lm.model.model.layers[1].self_attn.k_proj.bias.detach().clone()
+    with torch.no_grad():
+        lm.model.model.layers[1].self_attn.k_proj.bias.zero_()
+    load_into(lm, tmp_path / "q.gguf")
+    assert torch.equal(lm.model.model.layers[1].self_attn.k_proj.bias, bias)  # F32 in the file

@@ -1,7 +1,7 @@
 """llama.cpp architectures as data, and a model's per-tensor plan for a llama.cpp file type.
 
 ``ARCHS`` maps a transformers ``model_type`` to the llama.cpp architecture, its block tensor
-names, whether Q/K rows are permuted (llama's rotary layout; Gemma 3 keeps NeoX order) and the
+names, whether Q/K rows are permuted (llama's rotary layout; Gemma 3 and Qwen2 keep NeoX order) and the
 norm offset (Gemma's ``1 + w`` is stored as such); :func:`gguf_name` is the one home of the
 transformers → GGUF tensor naming.  The ``llamacpp`` method (:mod:`.filetype`) applies
 :func:`model_plan` in place; the GGUF export (:mod:`q2lab.export.gguf`) writes files with the
@@ -38,6 +38,11 @@ _GEMMA3_BLOCK_NAMES = _BLOCK_NAMES | {
     "pre_feedforward_layernorm.weight": "ffn_norm.weight",
     "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
 }
+_QWEN2_BLOCK_NAMES = _BLOCK_NAMES | {  # Qwen2 adds biases to Q, K and V
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+}
 TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
 
 
@@ -54,6 +59,7 @@ class ArchSpec:
 ARCHS = {
     "llama": ArchSpec("llama", _BLOCK_NAMES, True, 0.0),
     "gemma3_text": ArchSpec("gemma3", _GEMMA3_BLOCK_NAMES, False, 1.0),
+    "qwen2": ArchSpec("qwen2", _QWEN2_BLOCK_NAMES, False, 0.0),  # NeoX rope: rows as HF stores them
 }
 SUPPORTED_ARCHS = tuple(ARCHS)
 
