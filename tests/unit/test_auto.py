@@ -61,7 +61,7 @@ def setup(tiny_calibrated):
 def _auto(store, budget, monkeypatch, tmp_path, candidates=CANDIDATES):
     monkeypatch.setenv("Q2LAB_CACHE", str(tmp_path / "cache"))
     lm = make_tiny_model("llama")
-    cfg = make_config("auto", {"budget": budget, "candidates": candidates})
+    cfg = make_config("auto", {"budget": budget, "candidates": candidates, "sensitivity": "proxy"})
     report = quantize_model(lm.model, "auto", cfg, store)
     return lm, report
 
@@ -143,3 +143,55 @@ def test_a_study_reads_a_list_valued_option_as_one_value_and_a_list_of_lists_as_
     raw["methods"] = [{"method": "auto", "candidates": [two, [*two, {"method": "rtn", "bits": 4}]]}]
     cells = parse_study(raw).cells
     assert [len(c.config.candidates) for c in cells] == [2, 3]
+
+
+def test_kld_probes_measure_one_linear_at_a_time(setup, monkeypatch, tmp_path):
+    """A probe is the model's KLD to float with that linear alone quantized (checked against
+    torch's own kl_div); the rescaled table keeps each linear's proxy ratios and puts the
+    cheapest candidate's loss at its probe; ``sensitivity: kld`` plans with it."""
+    import torch.nn.functional as F
+
+    from q2lab.models.arch import find_decoder
+    from q2lab.quant.mixed import parse_entry
+
+    monkeypatch.setenv("Q2LAB_CACHE", str(tmp_path / "cache"))
+    lm = make_tiny_model("llama")
+    vocab = lm.model.config.vocab_size
+    windows = torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(0))
+    rule = parse_entry(CANDIDATES[0], "candidate 1", False, "auto")
+    probes = auto_mod.kld_probes(lm.model, setup, rule, windows)
+    layout = find_decoder(lm.model)
+    name = layout.full_name(1, "mlp.down_proj")
+    assert set(probes) == {
+        layout.full_name(b, n) for b in range(len(layout)) for n in layout.block_linears(b)
+    }
+    assert all(v >= 0 for v in probes.values()) and max(probes.values()) > 0
+    with torch.no_grad():  # the oracle: quantize that one linear by hand, torch's KL
+        ref = F.log_softmax(lm.model(input_ids=windows).logits[:, :-1], -1)
+        linear = lm.model.get_submodule(name)
+        saved = linear.weight.data.clone()
+        cfg = make_config("rtn", {"bits": 2, "group_size": 32})
+        from q2lab.quant import get_quantizer
+
+        linear.weight.data = (
+            get_quantizer("rtn").quantize(saved, setup.hessian(name), cfg).dequantize(torch.float32)
+        )
+        lp = F.log_softmax(lm.model(input_ids=windows).logits[:, :-1], -1)
+        linear.weight.data = saved
+    oracle = F.kl_div(lp.reshape(-1, vocab), ref.reshape(-1, vocab), log_target=True, reduction="batchmean")
+    assert probes[name] == pytest.approx(float(oracle), rel=1e-4)
+
+    table = {"a": [(2, 4.0), (4, 1.0), (16, 0.0)], "b": [(2, 2.0), (4, 0.5), (16, 0.0)]}
+    scaled = auto_mod.probe_scaled(table, {"a": 0.1, "b": 0.3}, 0)
+    assert scaled["a"] == [(2, pytest.approx(0.1)), (4, pytest.approx(0.025)), (16, 0.0)]
+    assert scaled["b"][1][1] == pytest.approx(0.075)
+
+    cfg = make_config("auto", {"budget": 6.0, "candidates": CANDIDATES})  # kld: the default
+    with pytest.raises(ConfigError, match="sensitivity kld needs calibration windows"):
+        quantize_model(make_tiny_model("llama").model, "auto", cfg, setup)
+    report = quantize_model(
+        make_tiny_model("llama").model, "auto", cfg, setup, windows=lambda n=None, ctx=None: windows[:n]
+    )
+    assert report.plan["stats"]["sensitivity"] == "kld" and report.plan["stats"]["plan_bpw"] <= 6.0
+    with pytest.raises(ConfigError, match="sensitivity must be one of kld, proxy"):
+        make_config("auto", {"candidates": CANDIDATES, "sensitivity": "fisher"})
