@@ -3,16 +3,18 @@ window of recent tokens (issue 18, part 3).
 
 Keys have outlier *channels* (a few head dimensions are large for every token), so a key block
 is quantized per channel over a group of ``group`` tokens; values have no such structure and
-are quantized per token over groups of ``group`` channels.  Both use the asymmetric uniform grid
-of :mod:`q2lab.quant.uniform` (fp16 scale, b-bit zero point per group).  The most recent tokens
+are quantized per token over groups of ``group`` channels.  Both use KIVI's asymmetric grid: the
+group's [min, max] in 2^b − 1 steps, step and minimum in fp16 (a weight grid's integer zero point
+would force the range to hold 0 and round the offset to a whole step, which costs a 2-bit key
+channel with a large constant part most of its levels).  The most recent tokens
 stay in float: a layer's float window holds between ``residual`` and ``residual + group − 1``
 tokens, and whenever it would exceed that, its oldest ``group`` tokens are quantized as one key
 block (and as ``group`` value rows) and leave it.  So attention to the last ``residual`` tokens is
 exact, and with ``residual`` at least the sequence length nothing is quantized at all (tested:
 the logits then equal the float cache's).
 
-Storage is what :meth:`KIVILayer.nbytes` counts: the packed format's codes and zero points at b
-bits each, fp16 scales, plus the float window.  This reference path holds one code per byte and
+Storage is what :meth:`KIVILayer.nbytes` counts: the packed format's codes at b bits each, an
+fp16 step and minimum per group, plus the float window.  This reference path holds one code per byte and
 dequantizes the whole quantized part on every update (a fused kernel would read packed codes
 inside attention): it measures quality, and its speed is what a CPU without such a kernel gets.
 """
@@ -61,37 +63,40 @@ class KVConfig:
 
 @dataclass
 class _Packed:
-    """One quantized block, batch first: b-bit codes (held one per byte here), fp16 scales and
-    b-bit zero points per group (the grouped view's last dimension is the group)."""
+    """One quantized block, batch first: b-bit codes (held one per byte here) and, per group, an
+    fp16 step and an fp16 minimum (the grid's ``x ≈ min + code·step``; the grouped view's last
+    dimension is the group)."""
 
     codes: torch.Tensor  # uint8, (..., groups, group size)
     scales: torch.Tensor  # fp16, (..., groups)
-    zeros: torch.Tensor  # uint8, (..., groups)
+    mins: torch.Tensor  # fp16, (..., groups)
     bits: int
 
     def nbytes(self) -> int:
-        """Bytes of the packed format: codes and zero points at ``bits`` each, fp16 scales."""
-        return (
-            packed_nbytes(self.codes.numel(), self.bits)
-            + packed_nbytes(self.zeros.numel(), self.bits)
-            + (2 * self.scales.numel())
-        )
+        """Bytes of the packed format: codes at ``bits`` each, an fp16 step and minimum per group."""
+        return packed_nbytes(self.codes.numel(), self.bits) + 2 * (self.scales.numel() + self.mins.numel())
 
     def select(self, rows: torch.Tensor) -> _Packed:
-        return _Packed(self.codes[rows], self.scales[rows], self.zeros[rows], self.bits)
+        return _Packed(self.codes[rows], self.scales[rows], self.mins[rows], self.bits)
 
 
 def _quantize_rows(x: torch.Tensor, bits: int) -> _Packed:
-    """Quantize the last dimension of ``x`` (…, groups, k) group by group (asymmetric min/max)."""
+    """Quantize the last dimension of ``x`` (…, groups, k) group by group on KIVI's grid: the
+    group's own [min, max] in 2^b − 1 steps, the minimum kept in fp16.  Unlike a weight grid the
+    range does not have to hold 0, and the offset is not rounded to a whole step: a key channel
+    with a large constant part (the reason keys are grouped per channel) keeps all its levels."""
     rows = x.reshape(-1, x.shape[-1]).float()
-    scale, zero = uniform.grid_params(rows, bits, symmetric=False)
-    codes = uniform.round_to_grid(rows, scale, zero, bits).to(torch.uint8)
+    maxq = (1 << bits) - 1
+    lo = rows.min(dim=1).values.half().float()
+    scale = uniform.fp16_round((rows.max(dim=1).values - lo) / maxq)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.clamp(torch.round((rows - lo[:, None]) / safe[:, None]), 0, maxq).to(torch.uint8)
     lead = tuple(x.shape[:-1])
-    return _Packed(codes.view(x.shape), scale.half().view(lead), zero.to(torch.uint8).view(lead), bits)
+    return _Packed(codes.view(x.shape), scale.half().view(lead), lo.half().view(lead), bits)
 
 
 def _dequantize_rows(p: _Packed, dtype: torch.dtype) -> torch.Tensor:
-    return uniform.from_grid(p.codes.float(), p.scales.float(), p.zeros.float()).to(dtype)
+    return (p.mins.float().unsqueeze(-1) + p.codes.float() * p.scales.float().unsqueeze(-1)).to(dtype)
 
 
 def quantize_keys(keys: torch.Tensor, bits: int) -> _Packed:

@@ -74,10 +74,24 @@ def test_keys_per_channel_beat_per_token_on_outlier_channels():
     assert err(per_channel) < 0.5 * err(per_token)
 
 
+def test_the_grid_spans_each_group_and_need_not_hold_zero():
+    """KIVI's grid: a key channel living far from 0 (a large constant part) keeps all 2^b levels
+    over its own [min, max]; the extremes are exact up to fp16, and the error is at most half a
+    step.  A weight grid forced to hold 0 would spend the 2-bit levels on [0, max]."""
+    g = torch.Generator().manual_seed(5)
+    keys = torch.randn(1, 1, 32, 8, generator=g) * 0.1 + 7.0  # every channel in ≈ [6.7, 7.3]
+    back = dequantize_keys(quantize_keys(keys, 2), torch.float32)
+    lo, hi = keys.amin(dim=-2, keepdim=True), keys.amax(dim=-2, keepdim=True)
+    step = (hi - lo) / 3
+    assert torch.allclose(back.amin(dim=-2, keepdim=True), lo, atol=5e-3)
+    assert ((back - keys).abs() <= step / 2 + 5e-3).all()
+    assert len(torch.unique(back[0, 0, :, 0])) == 4  # all four levels used inside the range
+
+
 def test_stored_bytes_per_token_match_the_format(tiny):
     """After the window flushes, bytes = float window + per token and head: keys d·b/8 plus a
-    channel's fp16 scale and b-bit zero per group of g tokens; values d·b/8 plus (2 + b/8) per
-    group of g channels."""
+    channel's fp16 step and fp16 minimum per group of g tokens; values d·b/8 plus 4 per group of
+    g channels."""
     b, g = 2, 16
     cfg = tiny.model.config
     d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -85,11 +99,11 @@ def test_stored_bytes_per_token_match_the_format(tiny):
     x = torch.randint(0, 200, (1, 64), generator=torch.Generator().manual_seed(3))
     _, cache = _chunked(tiny.model, x, KVConfig(bits=b, residual=0, group=g))
     quantized = 64  # 4 whole groups leave the window; none stays float
-    keys = quantized * d * b / 8 + (quantized // g) * d * (2 + b / 8)
-    values = quantized * d * b / 8 + quantized * (d // g) * (2 + b / 8)
+    keys = quantized * d * b / 8 + (quantized // g) * d * 4
+    values = quantized * d * b / 8 + quantized * (d // g) * 4
     assert cache_nbytes(cache) == layers * heads * (keys + values)
     float_bytes = layers * heads * 2 * 64 * d * 4  # the same tokens in a float32 cache
-    assert float_bytes / cache_nbytes(cache) > 10
+    assert float_bytes / cache_nbytes(cache) > 6  # 8× here: 2-bit codes + 4 bytes per 16 values
 
 
 def test_batch_rows_select_exactly(tiny):
