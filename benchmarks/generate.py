@@ -1,5 +1,7 @@
 """What a q2lab model costs to run: decode tokens/s, prefill time and peak memory of greedy
-generation (batch 1), per weight format × KV cache, next to llama.cpp measured in the same run.
+generation (batch 1 or ``--batch`` B), per weight format × KV cache, next to llama.cpp measured in
+the same run; ``--context`` N puts N tokens of WikiText-2 before the request, where the KV cache
+is what grows.
 
 Cases (each in its own subprocess, so every ``ru_maxrss`` is its own):
 
@@ -14,11 +16,15 @@ Cases (each in its own subprocess, so every ``ru_maxrss`` is its own):
   count; for the KV cache, transformers' own ``QuantizedCache`` with its quanto and HQQ
   backends (2-bit, the same residual and group), where those packages install.
 
-Every case decodes exactly ``--new`` tokens (EOS is masked), after the same prompt.  Peak RSS is
+Every case decodes exactly ``--new`` tokens per sequence (EOS is masked), after the same prompt;
+decode tokens/s counts every sequence of the batch.  llama.cpp runs at batch 1 only (the
+high-level API of llama-cpp-python decodes one sequence).  Peak RSS is
 the process high-water mark after decoding, minus nothing (it includes torch and the model).
 Usage::
 
     python benchmarks/generate.py --new 128 --threads 2 > benchmarks/results/generate.txt
+    python benchmarks/generate.py --new 64 --context 4096 --threads 2 > benchmarks/results/generate-4k.txt
+    python benchmarks/generate.py --new 64 --batch 8 --threads 2 > benchmarks/results/generate-batch8.txt
 """
 
 from __future__ import annotations
@@ -34,6 +40,18 @@ import time
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 KV_2BIT = {"bits": 2, "residual": 32, "group": 32}
+
+
+def long_prompt(model: str, context: int) -> str:
+    """The first ``context`` tokens of WikiText-2 test (the model's own tokenizer) followed by the
+    request: a long context where the KV cache, not the weights, holds most of the memory.  Built
+    once in the parent, so no case loads a tokenizer it would not load anyway."""
+    from q2lab.data.text import load_corpus
+    from q2lab.models import load_model
+
+    tok = load_model(model).tokenizer
+    ids = tok(load_corpus("wikitext2", role="eval").text[: 12 * context])["input_ids"]
+    return tok.decode(ids[:context]) + "\n\n" + PROMPT
 
 
 def _q2lab_case(args: dict) -> dict:
@@ -56,7 +74,9 @@ def _q2lab_case(args: dict) -> dict:
         logits[:, sorted(eos)] = -float("inf")
         return logits
 
-    generate(loaded, [PROMPT], 4, kv=kv, logits_processor=no_eos)  # warm-up
+    prompts = [args["prompt"]] * args["batch"]
+    gen = {"kv": kv, "logits_processor": no_eos, "batch_size": args["batch"]}
+    generate(loaded, prompts[:1], 4, **gen)  # warm-up
     caches: list = []
     if kv is not None:
         import q2lab.eval.generation as g
@@ -75,17 +95,17 @@ def _q2lab_case(args: dict) -> dict:
                 )
 
         g.kivi_cache = lambda model, c: caches.append(make(model, c)) or caches[-1]
-        generate(loaded, [PROMPT], 4, kv=kv, logits_processor=no_eos)  # warm-up (quanto compiles)
+        generate(loaded, prompts[:1], 4, **gen)  # warm-up (quanto compiles)
     t0 = time.perf_counter()
-    generate(loaded, [PROMPT], 1, kv=kv, logits_processor=no_eos)
+    generate(loaded, prompts, 1, **gen)
     prefill = time.perf_counter() - t0
     t0 = time.perf_counter()
-    (sample,) = generate(loaded, [PROMPT], args["new"], kv=kv, logits_processor=no_eos)
+    samples = generate(loaded, prompts, args["new"], **gen)
     total = time.perf_counter() - t0
-    assert len(sample.token_ids) == args["new"], len(sample.token_ids)
+    assert all(len(s.token_ids) == args["new"] for s in samples), [len(s.token_ids) for s in samples]
     return {
         "prefill_s": prefill,
-        "decode_tok_s": (args["new"] - 1) / max(total - prefill, 1e-9),
+        "decode_tok_s": args["batch"] * (args["new"] - 1) / max(total - prefill, 1e-9),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "kv_bytes": cache_nbytes(caches[-1]) if caches and not args.get("kv_backend") else None,
     }
@@ -95,9 +115,13 @@ def _llamacpp_case(args: dict) -> dict:
     import llama_cpp
 
     llm = llama_cpp.Llama(
-        model_path=args["gguf"], n_ctx=1024, n_threads=args["threads"], n_batch=512, verbose=False
+        model_path=args["gguf"],
+        n_ctx=(n_ctx := max(1024, args.get("context", 0) + args["new"] + 256)),
+        n_threads=args["threads"],
+        n_batch=n_ctx,  # llama-cpp-python keeps n_batch rows of logits: the prompt's last must fit
+        verbose=False,
     )
-    tokens = llm.tokenize(PROMPT.encode(), add_bos=True)
+    tokens = llm.tokenize(args["prompt"].encode(), add_bos=True)
     eos = llm.token_eos()
 
     def decode(n: int) -> float:
@@ -156,10 +180,8 @@ WEIGHTS = [
 ]
 
 
-def cases(
-    model: str, new: int, threads: int, ggufs: dict[str, str], checkpoints: dict[str, str]
-) -> list[tuple[str, dict]]:
-    base = {"model": model, "new": new, "threads": threads}
+def cases(base: dict, ggufs: dict[str, str], checkpoints: dict[str, str]) -> list[tuple[str, dict]]:
+    """Every case's arguments; ``base`` holds model, new, threads, batch, context and prompt."""
     out = []
     for name, method, _, cached in WEIGHTS:
         for kv_name, kv in (("float KV", None), ("2-bit KV", KV_2BIT)):
@@ -181,8 +203,9 @@ def cases(
             "kv_backend": backend,
         }
         out.append((f"q2lab fp32, transformers {backend} 2-bit KV", args))
-    for name, path in ggufs.items():
-        out.append((f"llama.cpp {name}", {**base, "kind": "llamacpp", "gguf": path}))
+    if base["batch"] == 1:  # llama-cpp-python's high-level API decodes one sequence
+        for name, path in ggufs.items():
+            out.append((f"llama.cpp {name}", {**base, "kind": "llamacpp", "gguf": path}))
     return out
 
 
@@ -191,7 +214,13 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--new", type=int, default=128, help="tokens to decode per case")
     p.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1))
-    p.add_argument("--only", default="", help="run only cases whose name contains this")
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together (q2lab cases)")
+    p.add_argument(
+        "--context", type=int, default=0, help="prefix the prompt with this many WikiText-2 tokens"
+    )
+    p.add_argument(
+        "--only", default="", help="run only cases whose name contains one of these (comma-separated)"
+    )
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--case", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -208,7 +237,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="q2lab-genbench-") as tmp:
         ggufs = {f"{t} GGUF": os.path.join(tmp, f"model-{t}.gguf") for t in ("F32", "Q4_K_M")}
         checkpoints = {m: os.path.join(tmp, f"ck-{m}") for _, m, _, _ in WEIGHTS if m != "fp"}
-        todo = [(n, c) for n, c in cases(a.model, a.new, a.threads, ggufs, checkpoints) if a.only in n]
+        prompt = long_prompt(a.model, a.context) if a.context else PROMPT
+        base = {"model": a.model, "new": a.new, "threads": a.threads, "batch": a.batch, "prompt": prompt}
+        base["context"] = a.context
+        todo = [(n, c) for n, c in cases(base, ggufs, checkpoints) if any(o in n for o in a.only.split(","))]
         for name, path in ggufs.items():
             if any(c.get("gguf") == path for _, c in todo):
                 file_type = name.split()[0]
@@ -236,7 +268,11 @@ def main() -> None:
                 f"  {r['case']:<42} speed {r['decode_tok_s'] / peer['decode_tok_s']:5.2f}×  "
                 f"memory {r['peak_rss_mb'] / peer['peak_rss_mb']:5.2f}×"
             )
-    print(f"\n{a.model}, {a.new} new tokens after a {len(PROMPT)}-character prompt, {a.threads} threads")
+    what = f"a {a.context}-token WikiText-2 prefix and " if a.context else ""
+    print(
+        f"\n{a.model}, batch {a.batch}, {a.new} new tokens per sequence after {what}a "
+        f"{len(PROMPT)}-character request, {a.threads} threads"
+    )
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=2)
