@@ -166,9 +166,10 @@ def test_task_parsing_defaults_and_stable_keys():
     assert parse_task({"task": "ifeval:ifeval", "chat": False}).chat is False
     with pytest.raises(ConfigError, match="chat must be"):
         parse_task({"task": "ifeval:ifeval", "chat": "yes"})
-    # a task from before the `chat`, `temperature`, `seed`, `sample` and `kv` fields keeps its resume key
+    # a task from before the `chat`, `temperature`, `seed`, `sample`, `kv` and `tag` fields keeps its
+    # resume key
     old = TaskSpec("mc", "hellaswag", limit=5)
-    later = ("chat", "temperature", "seed", "sample", "kv")
+    later = ("chat", "temperature", "seed", "sample", "kv", "tag")
     legacy = {k: v for k, v in old.__dict__.items() if k not in later}
     assert old.key() == sha256_json(legacy)[:12]
     assert TaskSpec("mc", "hellaswag", limit=5, chat=True).key() != old.key()
