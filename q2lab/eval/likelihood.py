@@ -29,6 +29,7 @@ from q2lab.errors import CorruptFileError, ShapeError
 from q2lab.eval.records import Record
 from q2lab.eval.stats import DEFAULT_RESAMPLES, DEFAULT_SEED, UNITS_KEY, UnitScores, bootstrap_ci, ids_sha256
 from q2lab.quant.kv import KVConfig, cache_nbytes, float_bytes_per_token, kivi_cache
+from q2lab.utils.divergence import kl_per_token
 from q2lab.utils.io import atomic_path, write_json_atomic
 from q2lab.utils.kvcache import cache_kwargs
 from q2lab.utils.progress import progress
@@ -120,13 +121,6 @@ class WindowStats:
     ref_nll: list[float] = field(default_factory=list)
     kv_bytes_per_token: float | None = None  # with a quantized KV cache: what it held per token
     kv_float_bytes_per_token: float | None = None  # … and what a float cache would
-
-
-def kl_per_token(ref_lp: torch.Tensor, cand_lp: torch.Tensor) -> torch.Tensor:
-    """KL(ref ‖ cand) for each position, safe where the reference gives a token zero mass."""
-    p = ref_lp.exp()
-    terms = torch.where(p > 0, p * (ref_lp - cand_lp), torch.zeros_like(p))
-    return terms.sum(-1).clamp_min(0.0)
 
 
 @torch.no_grad()

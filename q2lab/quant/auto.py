@@ -48,6 +48,7 @@ from torch import nn
 from q2lab.errors import ConfigError
 from q2lab.quant.base import MethodConfig, QuantizedTensor, Quantizer, get_quantizer, option, register
 from q2lab.quant.mixed import FLOAT, Rule, parse_entry
+from q2lab.utils.divergence import kl_per_token
 from q2lab.utils.io import cache_dir, write_json_atomic
 from q2lab.utils.progress import progress
 
@@ -227,9 +228,7 @@ def kld_probes(model: nn.Module, store: Any, rule: Rule, windows: torch.Tensor) 
                 linear.weight.data = qt.dequantize(torch.float32).to(saved.dtype).to(saved.device)
                 lp = _log_probs(model, x)
                 linear.weight.data = saved
-                # KL(float ‖ probed) per position, averaged (float terms where p = 0 vanish)
-                kl = torch.where(p > 0, p * (ref - lp), torch.zeros_like(p)).sum(-1).clamp_min(0.0)
-                out[layout.full_name(b, n)] = float(kl.mean())
+                out[layout.full_name(b, n)] = float(kl_per_token(ref, lp, p).mean())
     write_json_atomic(path, out)
     return out
 
