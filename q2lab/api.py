@@ -128,7 +128,7 @@ def evaluate(
     return evaluator.run(_as_loaded(candidate), specs)
 
 
-EXPORT_FORMATS = ("gguf", "hf-aqlm")
+EXPORT_FORMATS = ("gguf", "hf-aqlm", "compressed-tensors")
 
 
 def export(
@@ -155,6 +155,10 @@ def export(
     ``format="hf-aqlm"``: an aqlm-quantized checkpoint as a Hugging Face AQLM folder that
     ``transformers`` loads with the ``aqlm`` package (:mod:`q2lab.export.hf_aqlm`); ``type`` and
     the imatrix options do not apply.  Returns a summary.
+
+    ``format="compressed-tensors"``: an RTN/GPTQ-quantized model or checkpoint as the
+    ``pack-quantized`` checkpoint vLLM serves and transformers loads
+    (:mod:`q2lab.export.compressed_tensors`).  Returns a summary.
     """
     from q2lab.export.gguf import export_gguf, gguf_tensors, imatrix_names
     from q2lab.quant.ggml import imatrix as im
@@ -167,6 +171,12 @@ def export(
         if imatrix is not None:
             raise ConfigError("--imatrix applies to GGUF export only, not to hf-aqlm")
         return export_hf_aqlm(_as_loaded(model), out)
+    if fmt == "compressed-tensors":
+        from q2lab.export.compressed_tensors import export_compressed_tensors
+
+        if imatrix is not None:
+            raise ConfigError("--imatrix applies to GGUF export only, not to compressed-tensors")
+        return export_compressed_tensors(_as_loaded(model), out)
     if fmt != "gguf":
         raise ConfigError(f"unknown export format {format!r}; supported: {', '.join(EXPORT_FORMATS)}")
     if type.upper() not in DEFAULT_TYPE and type.upper() not in UNSUPPORTED:

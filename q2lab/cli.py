@@ -172,7 +172,7 @@ def cmd_export(args) -> int:
         from q2lab.utils.io import write_json_atomic
 
         write_json_atomic(args.report, report)
-    if "tensors" not in report:  # hf-aqlm: a summary, no per-tensor plan
+    if "tensors" not in report:  # hf-aqlm, compressed-tensors: a summary, no per-tensor plan
         print(json.dumps(report, indent=2))
         return 0
     for t in report["tensors"]:
@@ -262,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--format",
         default="gguf",
-        help="gguf (llama.cpp) or hf-aqlm (an aqlm checkpoint as a transformers + aqlm folder)",
+        help="gguf (llama.cpp), hf-aqlm (an aqlm checkpoint as a transformers + aqlm folder) or "
+        "compressed-tensors (an RTN/GPTQ checkpoint as vLLM / transformers load it)",
     )
     s.add_argument(
         "--type", default="F32", help="llama.cpp file type: F32, F16, Q8_0, Q6_K, Q4_K_M, Q2_K, IQ2_XXS, ..."
@@ -274,7 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--calib", help="Hessian store folder or root for --imatrix auto")
     calib_args(s)
     s.add_argument("--report", type=Path, help="write the per-tensor type/bpw report as JSON")
-    s.add_argument("--out", required=True, type=Path, help="GGUF file (or hf-aqlm folder) to write")
+    s.add_argument(
+        "--out", required=True, type=Path, help="GGUF file (or hf-aqlm / compressed-tensors folder) to write"
+    )
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("methods", help="list registered methods and their options")

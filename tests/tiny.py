@@ -60,11 +60,12 @@ def make_tiny_model(arch: str = "llama", seed: int = 0, add_bos: bool = False, *
     """A LoadedModel with random weights (scaled so that logits are not degenerate)."""
     from transformers import AutoModelForCausalLM
 
+    from q2lab.models.arch import prepare_model
     from q2lab.models.loader import LoadedModel, ModelInfo
 
     torch.manual_seed(seed)
     cfg = tiny_config(arch, **overrides)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    model = prepare_model(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)).eval()
     tok = make_tokenizer()
     info = ModelInfo(
         name=f"tiny-{arch}",

@@ -14,6 +14,13 @@ activations for every layer is worse.  So we run the model one decoder block at 
 Memory is one block's activations for one window plus that block's Hessians, independent of
 the number of windows (buffers are on disk, read back one window at a time).  Linears fed the
 same tensor (q/k/v, gate/up) share one accumulator.
+
+Mixture-of-experts blocks (:class:`~q2lab.models.arch.UnfusedExperts`) give each expert the
+Hessian of the tokens routed to it.  An expert that received fewer than ``min_expert_tokens``
+tokens would get a low-rank, noisy Hessian fitted to a handful of tokens, so the block is run
+once more with that expert *dense* (on every token, weighted by a routing weight of 0 where it
+was not chosen: the block's output does not change) and its Hessian comes from all tokens; the
+routed counts are returned so the store can list them.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import torch
 from torch import nn
 
 from q2lab.calib.hessian import Hessian, HessianAccumulator
-from q2lab.models.arch import DecoderLayout, find_decoder
+from q2lab.models.arch import DecoderLayout, UnfusedExperts, find_decoder
 from q2lab.utils.progress import progress
 
 
@@ -168,18 +175,65 @@ class _BlockHessians:
         return {name: acc.result() for name, acc in self.acc.items()}
 
 
+MIN_EXPERT_TOKENS = 128
+
+
+def _starved_experts(
+    block: nn.Module, groups: dict[str, str], hessians: dict[str, Hessian], min_tokens: int
+) -> dict[str, dict[int, int]]:
+    """Expert lists in ``block`` → {expert index: tokens routed to it} for experts below ``min_tokens``."""
+    starved: dict[str, dict[int, int]] = {}
+    for path, mod in block.named_modules():
+        if not isinstance(mod, UnfusedExperts):
+            continue
+        for e in range(len(mod)):
+            leader = groups.get(f"{path}.{e}.gate_proj")
+            n = hessians[leader].n if leader else 0
+            if n < min_tokens:
+                starved.setdefault(path, {})[e] = n
+    return starved
+
+
+def _dense_pass(
+    block: nn.Module, starved: dict[str, dict[int, int]], run: Callable[[_BlockHessians], None]
+) -> tuple[dict[str, Hessian], dict[str, str]]:
+    """Hessians of the ``starved`` experts' linears with those experts run on every token."""
+    linears = {
+        f"{path}.{e}.{name}": block.get_submodule(f"{path}.{e}.{name}")
+        for path, experts in starved.items()
+        for e in experts
+        for name in ("gate_proj", "up_proj", "down_proj")
+    }
+    lists = {path: block.get_submodule(path) for path in starved}
+    for path, mod in lists.items():
+        mod.dense = frozenset(starved[path])
+    hooks = _BlockHessians(linears)
+    try:
+        run(hooks)
+    finally:
+        hessians = hooks.close()
+        for mod in lists.values():
+            mod.dense = frozenset()
+    return hessians, dict(hooks.groups)
+
+
 @torch.no_grad()
 def stream_hessians(
     model: nn.Module,
     windows: torch.Tensor,
     on_block: Callable[[int, dict[str, Hessian], dict[str, str]], None],
     workdir: Path | None = None,
-) -> None:
+    min_expert_tokens: int | None = None,
+) -> dict[str, int]:
     """Compute every block's Hessians from the float model, calling ``on_block`` per block.
 
     ``on_block(i, hessians_by_leader, linear_to_leader)`` receives the block's accumulated
     Hessians (keyed by the leader linear of each shared-input group) and the group map.
+    Returns, for MoE experts whose Hessian fell back to all tokens (fewer than
+    ``min_expert_tokens``, default :data:`MIN_EXPERT_TOKENS`, were routed to them), linear (full
+    name) → the number of tokens that were routed to it.
     """
+    min_tokens = MIN_EXPERT_TOKENS if min_expert_tokens is None else min_expert_tokens
     layout = find_decoder(model)
     device = next(model.parameters()).device
     n, ctx = windows.shape
@@ -189,16 +243,32 @@ def stream_hessians(
         cur = ActivationBuffer(Path(tmp), "a", n, ctx, width)
         nxt = ActivationBuffer(Path(tmp), "b", n, ctx, width)
         capture_block_inputs(model, layout, windows, cur)
+        fallbacks: dict[str, int] = {}
         for b in progress(range(len(layout)), "calibration", len(layout), unit="block"):
-            block = layout.layers[b]
-            hooks = _BlockHessians(layout.block_linears(b))
-            call = calls[b]
-            try:
+            block, call = layout.layers[b], calls[b]
+
+            def run(hooks: _BlockHessians, write: bool, block=block, call=call, src=cur, dst=nxt) -> None:
                 for i in range(n):
                     hooks.start_window()
-                    out = block(cur.read(i, device), *call.args, **call.kwargs)
-                    nxt.write(i, _block_output(out)[0])
+                    out = block(src.read(i, device), *call.args, **call.kwargs)
+                    if write:
+                        dst.write(i, _block_output(out)[0])
+
+            hooks = _BlockHessians(layout.block_linears(b))
+            try:
+                run(hooks, write=True)
             finally:
                 hessians = hooks.close()
-            on_block(b, hessians, dict(hooks.groups))
+            groups = dict(hooks.groups)
+            starved = _starved_experts(block, groups, hessians, min_tokens)
+            if starved:
+                dense_h, dense_g = _dense_pass(block, starved, lambda h: run(h, write=False))
+                hessians.update(dense_h)
+                groups.update(dense_g)
+                for path, experts in starved.items():
+                    for e, routed in experts.items():
+                        for name in ("gate_proj", "up_proj", "down_proj"):
+                            fallbacks[layout.full_name(b, f"{path}.{e}.{name}")] = routed
+            on_block(b, hessians, groups)
             cur, nxt = nxt, cur
+    return fallbacks

@@ -16,6 +16,7 @@ import functools
 import json
 import re
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from q2lab.calib import capture
 from q2lab.calib.capture import stream_hessians
 from q2lab.calib.hessian import Hessian
 from q2lab.data.language import join_languages
@@ -241,7 +243,16 @@ def calibrate(loaded, spec: CalibSpec = CalibSpec(), root: Path | None = None) -
             for lin, leader in groups.items():
                 linears[layout.full_name(b, lin)] = {"block": b, "tensor": leader, "n": hessians[leader].n}
 
-        stream_hessians(loaded.model, windows, on_block, workdir=tmp)
+        fallbacks = stream_hessians(loaded.model, windows, on_block, workdir=tmp)
+        for lin, routed in fallbacks.items():
+            linears[lin]["routed"] = routed  # too few routed tokens: the Hessian uses all of them
+        if fallbacks:
+            warnings.warn(
+                f"calibration: {len(fallbacks) // 3} MoE experts received fewer than "
+                f"{capture.MIN_EXPERT_TOKENS} routed tokens; their Hessians use every token of their "
+                'block ("routed" in the store manifest lists them)',
+                stacklevel=2,
+            )
         write_json_atomic(
             tmp / MANIFEST,
             {
@@ -260,6 +271,7 @@ def calibrate(loaded, spec: CalibSpec = CalibSpec(), root: Path | None = None) -
                 "versions": versions(),
                 "linears": linears,
                 "n_blocks": len(layout),
+                "expert_fallbacks": len(fallbacks) // 3,
             },
         )
     return HessianStore(path)

@@ -1,10 +1,11 @@
-"""GGUF export: llama, Gemma-3 and Qwen2 models to a float (F32/F16) or llama.cpp-quantized GGUF.
+"""GGUF export: Llama, Mistral, Gemma-3, Qwen2, Qwen3 and Phi-3 models to a float (F32/F16) or
+llama.cpp-quantized GGUF.
 
 The file is what llama.cpp's own converter and quantizer would write: tensors named and ordered
 as ``llama_model_quantize`` writes them (non-block tensors, then block by block), Q/K rows in
-GGUF's rotary order (llama; Gemma 3 and Qwen2 keep HF's NeoX order), Gemma's ``(1 + w)`` RMS norms
-stored as ``1 + w`` as ``convert_hf_to_gguf`` writes them, each tensor in the type llama.cpp's
-recipe for the file type picks (:mod:`q2lab.quant.ggml.recipes`), quantized by q2lab's
+GGUF's rotary order (llama, Mistral; Gemma 3, Qwen2/3 and Phi-3 keep HF's NeoX order), Gemma's
+``(1 + w)`` RMS norms stored as ``1 + w`` as ``convert_hf_to_gguf`` writes them, each tensor in
+the type llama.cpp's recipe for the file type picks (:mod:`q2lab.quant.ggml.recipes`), quantized by q2lab's
 bit-exact GGML types with the same importance matrix.  Metadata (architecture,
 hyper-parameters, tokenizer) is copied from the source GGUF when the model came from one, else
 built from the transformers config and tokenizer.
@@ -238,7 +239,8 @@ def _rope_theta(cfg, layer_type: str) -> float | None:
 
 
 def _metadata_from_config(loaded, w) -> None:
-    """Hyper-parameters (llama / gemma3 / qwen2) and a BPE ("gpt2") tokenizer from transformers objects."""
+    """Hyper-parameters (llama, mistral, gemma3, qwen2, qwen3, phi3) and a BPE ("gpt2") tokenizer
+    from transformers objects."""
     cfg = loaded.model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     w.add_name(loaded.info.name)
@@ -252,8 +254,14 @@ def _metadata_from_config(loaded, w) -> None:
     w.add_rope_freq_base(float(_rope_theta(cfg, "full_attention") or 10000.0))
     w.add_rope_dimension_count(head_dim)
     w.add_vocab_size(cfg.vocab_size)
-    if arch_spec(loaded.model).gguf_arch == "gemma3":
+    arch = arch_spec(loaded.model).gguf_arch
+    if arch == "gemma3":
         _gemma3_metadata(cfg, head_dim, w)
+    if arch == "qwen3":  # head_dim is its own hyper-parameter there (128 on every Qwen3)
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    # A Mistral's sliding window (v0.1: 4096) is not written: llama.cpp's converter drops it too,
+    # so the file equals the model on contexts up to the window.
     _tokenizer_metadata(loaded, w)
 
 
@@ -295,7 +303,7 @@ def _tokenizer_metadata(loaded, w) -> None:
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
     w.add_tokenizer_model("gpt2")
     # llama.cpp's pre-tokenizer regex: Qwen2's splits digits one by one, the default does not
-    w.add_tokenizer_pre("qwen2" if arch_spec(loaded.model).gguf_arch == "qwen2" else "default")
+    w.add_tokenizer_pre("qwen2" if arch_spec(loaded.model).gguf_arch in ("qwen2", "qwen3") else "default")
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)

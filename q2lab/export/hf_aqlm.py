@@ -29,16 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from q2lab.errors import ConfigError
+from q2lab.export.hf_folder import float_dtype, float_state, write_hf_folder
 from q2lab.models.loader import LoadedModel
 from q2lab.quant.linear import QuantLinear
 from q2lab.quant.vq import load_codes
-from q2lab.utils.io import atomic_path
-
-WEIGHTS = "model.safetensors"
 
 
 def aqlm_layout(loaded: LoadedModel) -> tuple[dict[str, int], list[str]]:
@@ -102,25 +99,14 @@ def export_hf_aqlm(loaded: LoadedModel, out: str | Path) -> dict[str, Any]:
     summary (quantization_config, tensor counts, bytes)."""
     shape, float_linears = aqlm_layout(loaded)
     model = loaded.model
-    dtype = _float_dtype(model)
+    dtype = float_dtype(model)
     tensors: dict[str, torch.Tensor] = {}
     quantized = []
     for name, mod in model.named_modules():
         if isinstance(mod, QuantLinear):
             tensors.update(_layer_tensors(name, mod, dtype))
             quantized.append(name)
-    skip = tuple(f"{q}." for q in quantized)
-    seen: dict[int, str] = {}
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    untie = tied and any(q.endswith("lm_head") for q in quantized)
-    for key, value in model.state_dict(keep_vars=True).items():
-        if key.startswith(skip):
-            continue
-        ptr = value.data_ptr()
-        if ptr in seen and value.numel() > 0:
-            continue  # tied tensors once: transformers re-ties them on load
-        seen[ptr] = key
-        tensors[key] = value.detach().to(dtype if value.is_floating_point() else value.dtype).contiguous()
+    tensors.update(float_state(model, quantized, dtype))
     qconfig = {
         "quant_method": "aqlm",
         "in_group_size": shape["group"],
@@ -129,14 +115,7 @@ def export_hf_aqlm(loaded: LoadedModel, out: str | Path) -> dict[str, Any]:
         "nbits_per_codebook": shape["codebook_bits"],
         "linear_weights_not_to_quantize": float_linears,
     }
-    config = model.config.__class__.from_dict(model.config.to_dict())
-    config.quantization_config = qconfig
-    if untie:
-        config.tie_word_embeddings = False  # a quantized lm_head cannot share the float embeddings
-    with atomic_path(out, is_dir=True) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        config.save_pretrained(tmp)
-        loaded.tokenizer.save_pretrained(tmp)
+    size = write_hf_folder(loaded, out, tensors, qconfig, quantized)
     return {
         "format": "hf-aqlm",
         "out": str(out),
@@ -144,13 +123,5 @@ def export_hf_aqlm(loaded: LoadedModel, out: str | Path) -> dict[str, Any]:
         "quantized_linears": len(quantized),
         "float_linears": len(float_linears) // 2,
         "dtype": str(dtype).removeprefix("torch."),
-        "bytes": (Path(out) / WEIGHTS).stat().st_size,
+        "bytes": size,
     }
-
-
-def _float_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype of the model's float tensors (embeddings, norms), which the export keeps."""
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32

@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from q2lab.errors import CorruptFileError
+from q2lab.models.arch import prepare_model
 from q2lab.models.loader import CHECKPOINT_MANIFEST, LoadedModel, ModelInfo
 from q2lab.quant.base import QuantizedTensor, get_quantizer
 from q2lab.quant.linear import QuantLinear
@@ -62,7 +63,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> LoadedModel:
         raise CorruptFileError(f"checkpoint {path}: cannot read its config or tokenizer: {e}") from e
     dtype = getattr(torch, manifest["base"].get("dtype", "float32"))
     with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = prepare_model(AutoModelForCausalLM.from_config(config, dtype=dtype))
     for name, spec in manifest["quantized"].items():
         model.set_submodule(name, _quant_linear(path, name, spec, tensors))
     for name, eps in manifest.get("dense_norms", {}).items():

@@ -16,7 +16,7 @@ import torch
 
 from q2lab.errors import ModelError
 from q2lab.models import gguf_loader, zoo
-from q2lab.models.arch import find_decoder
+from q2lab.models.arch import find_decoder, prepare_model
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _FULL_HASH_LIMIT = 1 << 30  # hash weight files fully below 1 GiB in total, else sample them
@@ -165,7 +165,7 @@ def _load_hf_dir(
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_dtype(dtype))
     except (ValueError, KeyError, OSError) as e:
         raise ModelError(f"transformers cannot load {path}: {e}") from e
-    model.to(device).eval()
+    prepare_model(model).to(device).eval()
     find_decoder(model)  # fail now, with a clear message, on unsupported architectures
     if add_bos is None:
         add_bos = tokenizer_adds_bos(tok)

@@ -36,6 +36,13 @@ class GPTQConfig(UniformConfig):
     damp: float = option(0.01, "damping added to H's diagonal, as a fraction of its mean")
     act_order: bool = option(True, "quantize columns in order of decreasing Hessian diagonal")
     block_size: int = option(128, "columns per lazy-batch block (1 = the plain unbatched algorithm)")
+    static_groups: bool = option(
+        False,
+        "with act_order: fit each group's range on the original columns before the run, so groups stay "
+        "contiguous in the weight's own order (GPTQModel's static groups; what compressed-tensors / vLLM "
+        "can serve) instead of in the permuted order",
+        added_later=True,
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -111,6 +118,11 @@ def gptq_quantize(
     codes = torch.empty(rows, n, dtype=torch.int32, device=w.device)
     scales = torch.empty(rows, layout.count, device=w.device)
     zeros = torch.empty_like(scales)
+    static = (
+        _static_groups(w, importance, perm, layout, cfg) if perm is not None and cfg.static_groups else None
+    )
+    if static is not None:
+        scales, zeros, col_group = static
     maxq = float((1 << cfg.bits) - 1)
     # Work on Wᵀ so that a column of W is a contiguous row in memory.
     wt = w.T.contiguous()
@@ -120,7 +132,11 @@ def gptq_quantize(
         err1 = torch.empty_like(w1)
         u1 = u[b0:b1, b0:b1]
         for i in range(b1 - b0):
-            if (b0 + i) % layout.g == 0:
+            if static is not None:  # this column's group was fitted before the run
+                gi = col_group[b0 + i]
+                scale, zero = scales[:, gi], zeros[:, gi]
+                safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+            elif (b0 + i) % layout.g == 0:
                 # A group starts: fit it on up-to-date weights.  Blocks never start inside a
                 # group, so its columns are in w1 (in-block updates applied) or, past the
                 # block, in wt (all earlier blocks applied).
@@ -137,7 +153,33 @@ def gptq_quantize(
             err1[i] = e
         codes[:, b0:b1] = q1.T.to(torch.int32)
         wt[b1:] -= u[b0:b1, b1:].T @ err1
+    if static is not None:  # groups live in the original order: store the codes there, no perm
+        out = torch.empty_like(codes)
+        out[:, perm] = codes
+        return out, scales, zeros, None, layout
     return codes, scales, zeros, perm, layout
+
+
+def _static_groups(
+    w: torch.Tensor,
+    importance: torch.Tensor,
+    perm: torch.Tensor,
+    layout: uniform.GroupLayout,
+    cfg: GPTQConfig,
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Scales and zeros of the groups of the original column order, fitted on the weights before
+    any error feedback (``w`` and ``importance`` are in act order), and each act-order position's
+    group index."""
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=perm.device)
+    orig, imp = w[:, inv], importance[inv]
+    scales = torch.empty(w.shape[0], layout.count, device=w.device)
+    zeros = torch.empty_like(scales)
+    for gi, (s, e) in enumerate(layout.bounds()):
+        scales[:, gi], zeros[:, gi] = uniform.fit_group(
+            orig[:, s:e], cfg.bits, cfg.symmetric, cfg.clip, imp[s:e]
+        )  # type: ignore[arg-type]
+    return scales, zeros, (perm // layout.g).tolist()
 
 
 @register()

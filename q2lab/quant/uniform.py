@@ -199,7 +199,7 @@ def decode(qt: QuantizedTensor) -> torch.Tensor:
     perm = qt.tensors.get("perm")
     if perm is not None:
         out = torch.empty_like(w)
-        out[:, _decode_perm(perm, cols)] = w
+        out[:, decode_perm(perm, cols)] = w
         w = out
     return w
 
@@ -213,7 +213,7 @@ def _encode_perm(perm: torch.Tensor, cols: int) -> tuple[torch.Tensor, int]:
     return perm.to(torch.int32).contiguous(), cols * 32
 
 
-def _decode_perm(perm: torch.Tensor, cols: int) -> torch.Tensor:
+def decode_perm(perm: torch.Tensor, cols: int) -> torch.Tensor:
     if perm.dtype == torch.uint8:
         return unpack_bits(perm, index_bits(cols), cols).long()
     return perm.long()  # int32 indices (checkpoints written before the perm was packed)

@@ -235,12 +235,13 @@ def quantized_linears(model: nn.Module) -> dict[str, QuantLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
-def check_checkpoint(name: str, tmp: Path, store) -> None:
+def check_checkpoint(name: str, tmp: Path, store, lm=None) -> None:
+    """``lm``: the model to quantize (default: the contract's tiny Llama, which ``store`` calibrated)."""
     from q2lab.export.checkpoint import save_checkpoint
     from q2lab.models import load_model
     from q2lab.quant.model import quantize_model
 
-    lm = make_tiny_model("llama", **CKPT_MODEL)
+    lm = lm if lm is not None else make_tiny_model("llama", **CKPT_MODEL)
     q, cfg = get_quantizer(name), example_config(name)
     calib = torch.randint(0, len(lm.tokenizer), (4, 16), generator=torch.Generator().manual_seed(1))
     report = quantize_model(

@@ -43,6 +43,18 @@ _QWEN2_BLOCK_NAMES = _BLOCK_NAMES | {  # Qwen2 adds biases to Q, K and V
     "self_attn.k_proj.bias": "attn_k.bias",
     "self_attn.v_proj.bias": "attn_v.bias",
 }
+_QWEN3_BLOCK_NAMES = _BLOCK_NAMES | {  # Qwen3 normalizes each head's Q and K
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+}
+_PHI3_BLOCK_NAMES = {  # Phi-3 fuses Q/K/V and gate/up: llama.cpp splits them the same way
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.qkv_proj.weight": "attn_qkv.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
 TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
 
 
@@ -60,6 +72,9 @@ ARCHS = {
     "llama": ArchSpec("llama", _BLOCK_NAMES, True, 0.0),
     "gemma3_text": ArchSpec("gemma3", _GEMMA3_BLOCK_NAMES, False, 1.0),
     "qwen2": ArchSpec("qwen2", _QWEN2_BLOCK_NAMES, False, 0.0),  # NeoX rope: rows as HF stores them
+    "mistral": ArchSpec("llama", _BLOCK_NAMES, True, 0.0),  # llama.cpp runs Mistral as llama
+    "qwen3": ArchSpec("qwen3", _QWEN3_BLOCK_NAMES, False, 0.0),
+    "phi3": ArchSpec("phi3", _PHI3_BLOCK_NAMES, False, 0.0),
 }
 SUPPORTED_ARCHS = tuple(ARCHS)
 
