@@ -12,10 +12,17 @@ llama.cpp is ≈ 1 % higher because its quantized matmuls round activations to 8
 Writes one JSON record per line to ``results.jsonl`` next to this file (README tables cite it):
 
     python docs/results/llamacpp-files/measure.py            # SmolLM2 (64 × 512) and Gemma 3 (16 × 512)
+
+``--shipped`` measures the zoo's GGUF files as shipped instead (the Qwen2.5-Coder Q4_K_M files):
+llama.cpp's perplexity on the file next to q2lab's float reference, which is that file
+dequantized (``load_model(alias)``), on the same windows; records go to ``shipped.jsonl``:
+
+    python docs/results/llamacpp-files/measure.py --shipped qwen2.5-coder-0.5b qwen2.5-coder-1.5b
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import tempfile
 import time
@@ -92,7 +99,47 @@ def measure(alias: str, file_type: str, with_imatrix: bool, n_windows: int, work
     }
 
 
+def measure_shipped(alias: str, n_windows: int) -> dict:
+    """llama.cpp on the zoo's own GGUF file vs q2lab's float model made from it, same windows."""
+    from q2lab.eval.likelihood import score_windows
+    from q2lab.models import zoo
+
+    t0 = time.time()
+    lm = load_model(alias)
+    path = zoo.fetch(alias, quiet=True)
+    windows = corpus_windows(lm, load_corpus("wikitext2"), n_windows, CTX)
+    stats = score_windows(lm.model, windows)
+    ppl_q2lab = float(np.exp(sum(stats.nll) / sum(stats.tokens)))
+    t1 = time.time()
+    del lm
+    ppl_llamacpp = llamacpp.perplexity(path, windows)
+    return {
+        "model": alias,
+        "file": path.name,
+        "file_type": "as shipped",
+        "windows": n_windows,
+        "ctx": CTX,
+        "ppl_llamacpp": ppl_llamacpp,
+        "ppl_q2lab_same_weights": ppl_q2lab,
+        "ratio": ppl_llamacpp / ppl_q2lab,
+        "timings": {"q2lab_ppl_s": t1 - t0, "llamacpp_ppl_s": time.time() - t1},
+        "versions": versions(),
+        "machine": machine(),
+    }
+
+
 def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shipped", nargs="+", help="zoo aliases whose own GGUF files to measure")
+    ap.add_argument("--windows", type=int, default=16)
+    args = ap.parse_args()
+    if args.shipped:
+        rows = []
+        for alias in args.shipped:
+            rows.append(measure_shipped(alias, args.windows))
+            print(json.dumps({k: rows[-1][k] for k in ("model", "ppl_llamacpp", "ppl_q2lab_same_weights")}))
+        OUT.with_name("shipped.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for alias, file_type, with_imatrix, n in PLAN:
