@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from q2lab.calib.hessian import Hessian, HessianAccumulator
-from q2lab.models.arch import DecoderLayout, UnfusedExperts, find_decoder
+from q2lab.models.arch import EXPERT_LINEARS, DecoderLayout, UnfusedExperts, find_decoder
 from q2lab.utils.progress import progress
 
 
@@ -187,7 +187,7 @@ def _starved_experts(
         if not isinstance(mod, UnfusedExperts):
             continue
         for e in range(len(mod)):
-            leader = groups.get(f"{path}.{e}.gate_proj")
+            leader = groups.get(f"{path}.{e}.{EXPERT_LINEARS[0]}")
             n = hessians[leader].n if leader else 0
             if n < min_tokens:
                 starved.setdefault(path, {})[e] = n
@@ -202,7 +202,7 @@ def _dense_pass(
         f"{path}.{e}.{name}": block.get_submodule(f"{path}.{e}.{name}")
         for path, experts in starved.items()
         for e in experts
-        for name in ("gate_proj", "up_proj", "down_proj")
+        for name in EXPERT_LINEARS
     }
     lists = {path: block.get_submodule(path) for path in starved}
     for path, mod in lists.items():
@@ -267,7 +267,7 @@ def stream_hessians(
                 groups.update(dense_g)
                 for path, experts in starved.items():
                     for e, routed in experts.items():
-                        for name in ("gate_proj", "up_proj", "down_proj"):
+                        for name in EXPERT_LINEARS:
                             fallbacks[layout.full_name(b, f"{path}.{e}.{name}")] = routed
             on_block(b, hessians, groups)
             cur, nxt = nxt, cur

@@ -39,7 +39,7 @@ from q2lab.data.text import (
     parse_mix,
 )
 from q2lab.errors import CorruptFileError, ModelError, Q2labError
-from q2lab.models.arch import find_decoder
+from q2lab.models.arch import EXPERT_LINEARS, find_decoder
 from q2lab.utils.io import atomic_path, cache_dir, sha256_json, write_json_atomic
 from q2lab.utils.provenance import versions
 
@@ -246,9 +246,10 @@ def calibrate(loaded, spec: CalibSpec = CalibSpec(), root: Path | None = None) -
         fallbacks = stream_hessians(loaded.model, windows, on_block, workdir=tmp)
         for lin, routed in fallbacks.items():
             linears[lin]["routed"] = routed  # too few routed tokens: the Hessian uses all of them
-        if fallbacks:
+        starved = len(fallbacks) // len(EXPERT_LINEARS)
+        if starved:
             warnings.warn(
-                f"calibration: {len(fallbacks) // 3} MoE experts received fewer than "
+                f"calibration: {starved} MoE experts received fewer than "
                 f"{capture.MIN_EXPERT_TOKENS} routed tokens; their Hessians use every token of their "
                 'block ("routed" in the store manifest lists them)',
                 stacklevel=2,
@@ -271,7 +272,7 @@ def calibrate(loaded, spec: CalibSpec = CalibSpec(), root: Path | None = None) -
                 "versions": versions(),
                 "linears": linears,
                 "n_blocks": len(layout),
-                "expert_fallbacks": len(fallbacks) // 3,
+                "expert_fallbacks": starved,
             },
         )
     return HessianStore(path)

@@ -45,9 +45,8 @@ from q2lab.export.hf_folder import float_dtype, float_state, write_hf_folder
 from q2lab.models.arch import UnfusedExperts
 from q2lab.models.loader import LoadedModel
 from q2lab.quant.linear import QuantLinear
-from q2lab.quant.uniform import GroupLayout, decode_perm
+from q2lab.quant.uniform import GroupLayout, original_order, stored_codes, stored_zeros
 from q2lab.transforms.rotate import DenseNorm
-from q2lab.utils.packing import unpack_bits
 
 FORMAT = "pack-quantized"
 METHODS = ("rtn", "gptq", "quarot", "spinquant")
@@ -106,12 +105,7 @@ def _layer_tensors(name: str, mod: QuantLinear, dtype: torch.dtype) -> dict[str,
     qt = mod.qtensor
     rows, cols = qt.shape
     bits = int(qt.meta["bits"])
-    codes = unpack_bits(qt.tensors["codes"], bits, rows * cols).view(rows, cols)
-    perm = qt.tensors.get("perm")
-    if perm is not None:  # per-row scales: put the columns back in their own order
-        out = torch.empty_like(codes)
-        out[:, decode_perm(perm, cols)] = codes
-        codes = out
+    codes = original_order(stored_codes(qt), qt)  # act order only with per-row scales (_scheme)
     scales = qt.tensors["scales"]
     layout = GroupLayout(cols, int(qt.meta["group_size"]))
     t = {
@@ -119,9 +113,11 @@ def _layer_tensors(name: str, mod: QuantLinear, dtype: torch.dtype) -> dict[str,
         f"{name}.weight_scale": scales.reshape(rows, layout.count).to(dtype).contiguous(),
         f"{name}.weight_shape": torch.tensor([rows, cols], dtype=torch.int64),
     }
-    if not qt.meta["symmetric"]:
-        zeros = unpack_bits(qt.tensors["zeros"], bits, scales.numel()).view(rows, layout.count)
-        t[f"{name}.weight_zero_point"] = pack_int32(zeros.T.contiguous(), bits).T.contiguous()
+    zeros = stored_zeros(qt)
+    if zeros is not None:
+        t[f"{name}.weight_zero_point"] = pack_int32(
+            zeros.reshape(rows, layout.count).T.contiguous(), bits
+        ).T.contiguous()
     if mod.bias is not None:
         t[f"{name}.bias"] = mod.bias.detach().to(dtype).contiguous()
     return t

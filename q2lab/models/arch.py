@@ -115,8 +115,11 @@ def _describe_failure(model: nn.Module) -> str:
 
 
 # --------------------------------------------------------------------------- mixture of experts
+EXPERT_LINEARS = ("gate_proj", "up_proj", "down_proj")  # an ExpertMLP's linears
+
+
 class ExpertMLP(nn.Module):
-    """One gated expert, ``down(act(gate(x)) · up(x))``, as three ``nn.Linear``."""
+    """One gated expert, ``down(act(gate(x)) · up(x))``, as three ``nn.Linear`` (:data:`EXPERT_LINEARS`)."""
 
     def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, act_fn: nn.Module) -> None:
         super().__init__()

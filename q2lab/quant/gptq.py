@@ -154,9 +154,7 @@ def gptq_quantize(
         codes[:, b0:b1] = q1.T.to(torch.int32)
         wt[b1:] -= u[b0:b1, b1:].T @ err1
     if static is not None:  # groups live in the original order: store the codes there, no perm
-        out = torch.empty_like(codes)
-        out[:, perm] = codes
-        return out, scales, zeros, None, layout
+        return uniform.unpermute_columns(codes, perm), scales, zeros, None, layout
     return codes, scales, zeros, perm, layout
 
 

@@ -186,22 +186,42 @@ def encode_rows(
 
 
 def decode(qt: QuantizedTensor) -> torch.Tensor:
-    rows, cols = qt.shape
-    bits = int(qt.meta["bits"])
+    cols = qt.shape[1]
     layout = GroupLayout(cols, int(qt.meta["group_size"]))
-    q = unpack_bits(qt.tensors["codes"], bits, rows * cols).view(rows, cols).float()
+    q = stored_codes(qt).float()
     scales = qt.tensors["scales"].float()
+    zeros = stored_zeros(qt)
+    if zeros is None:
+        zeros = torch.full_like(scales, float(qt.meta.get("zero", 1 << (int(qt.meta["bits"]) - 1))))
+    w = (q - layout.expand(zeros.float())) * layout.expand(scales)
+    return original_order(w, qt)
+
+
+def stored_codes(qt: QuantizedTensor) -> torch.Tensor:
+    """The integer codes (rows × cols, int32, in ``[0, 2^b)``), in the stored column order."""
+    rows, cols = qt.shape
+    return unpack_bits(qt.tensors["codes"], int(qt.meta["bits"]), rows * cols).view(rows, cols)
+
+
+def stored_zeros(qt: QuantizedTensor) -> torch.Tensor | None:
+    """An asymmetric grid's integer zero points (rows × groups, int32); None for symmetric grids."""
     if qt.meta["symmetric"]:
-        zeros = torch.full_like(scales, float(qt.meta.get("zero", 1 << (bits - 1))))
-    else:
-        zeros = unpack_bits(qt.tensors["zeros"], bits, scales.numel()).view_as(scales).float()
-    w = (q - layout.expand(zeros)) * layout.expand(scales)
+        return None
+    scales = qt.tensors["scales"]
+    return unpack_bits(qt.tensors["zeros"], int(qt.meta["bits"]), scales.numel()).view(scales.shape)
+
+
+def unpermute_columns(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Columns of ``x`` in act order (column ``j`` is original column ``perm[j]``) → original order."""
+    out = torch.empty_like(x)
+    out[:, perm] = x
+    return out
+
+
+def original_order(x: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:
+    """``x`` (rows × cols, in ``qt``'s stored column order) in the weight's own column order."""
     perm = qt.tensors.get("perm")
-    if perm is not None:
-        out = torch.empty_like(w)
-        out[:, decode_perm(perm, cols)] = w
-        w = out
-    return w
+    return x if perm is None else unpermute_columns(x, _decode_perm(perm, x.shape[1]))
 
 
 def _encode_perm(perm: torch.Tensor, cols: int) -> tuple[torch.Tensor, int]:
@@ -213,7 +233,7 @@ def _encode_perm(perm: torch.Tensor, cols: int) -> tuple[torch.Tensor, int]:
     return perm.to(torch.int32).contiguous(), cols * 32
 
 
-def decode_perm(perm: torch.Tensor, cols: int) -> torch.Tensor:
+def _decode_perm(perm: torch.Tensor, cols: int) -> torch.Tensor:
     if perm.dtype == torch.uint8:
         return unpack_bits(perm, index_bits(cols), cols).long()
     return perm.long()  # int32 indices (checkpoints written before the perm was packed)

@@ -16,6 +16,7 @@ from q2lab.calib.store import CalibSpec, calibrate
 from q2lab.errors import ConfigError, ModelError
 from q2lab.models.arch import ExpertMLP, UnfusedExperts, find_decoder, prepare_model
 from q2lab.quant.base import get_quantizer, method_names
+from tests.oracles import needs_llamacpp
 from tests.tiny import TINY_TEXT, make_tiny_model, tiny_config
 from tests.unit.test_method_contract import CKPT_MODEL, check_checkpoint, example_config
 
@@ -162,11 +163,6 @@ def test_every_method_round_trips_a_checkpoint(arch, name, tmp_path, stores):
         assert "\n" not in str(err.value)
         return
     check_checkpoint(name, tmp_path, store, lm=tiny(arch))
-
-
-needs_llamacpp = pytest.mark.skipif(
-    not __import__("importlib").util.find_spec("llama_cpp"), reason="llama-cpp-python is not installed"
-)
 
 
 @needs_llamacpp

@@ -15,14 +15,10 @@ from q2lab.export.gguf import export_gguf, gguf_tensors, load_into
 from q2lab.quant.ggml import llamacpp
 from q2lab.quant.ggml.imatrix import Imatrix, read_imatrix, write_imatrix
 from q2lab.quant.ggml.recipes import plan_file
+from tests.oracles import needs_llamacpp
 from tests.tiny import make_tiny_model
 
 gguf = pytest.importorskip("gguf")
-
-needs_llamacpp = pytest.mark.skipif(
-    not llamacpp.available(),
-    reason="llama-cpp-python is not installed (pip install 'q2lab[llamacpp]'): no llama.cpp oracle",
-)
 
 
 @pytest.fixture(scope="module")

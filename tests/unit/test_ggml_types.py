@@ -17,15 +17,11 @@ from q2lab.errors import ConfigError, ShapeError
 from q2lab.quant.base import get_quantizer, make_config
 from q2lab.quant.ggml import llamacpp
 from q2lab.quant.ggml.types import ggml_type, type_names
+from tests.oracles import needs_llamacpp
 
 ALL_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 IQ2_TYPES = ["IQ2_XXS", "IQ2_XS", "IQ2_S"]
 LATTICE_TYPES = [*IQ2_TYPES, "IQ3_S"]  # the shared lattice search (iq2.py, iq3.py)
-
-needs_llamacpp = pytest.mark.skipif(
-    not llamacpp.available(),
-    reason="llama-cpp-python is not installed (pip install 'q2lab[llamacpp]'): no llama.cpp oracle",
-)
 
 
 def hard_matrix(n: int, rows: int = 12, seed: int = 0) -> np.ndarray:

@@ -50,12 +50,16 @@ PLAN = [  # (model, file type, with imatrix, eval windows)
 CTX = 512
 
 
-def _q2lab_ppl(lm, path: Path, windows) -> float:
+def _ppl(model, windows) -> float:
     from q2lab.eval.likelihood import score_windows
 
-    load_into(lm, path)
-    stats = score_windows(lm.model, windows)
+    stats = score_windows(model, windows)
     return float(np.exp(sum(stats.nll) / sum(stats.tokens)))
+
+
+def _q2lab_ppl(lm, path: Path, windows) -> float:
+    load_into(lm, path)
+    return _ppl(lm.model, windows)
 
 
 def measure(alias: str, file_type: str, with_imatrix: bool, n_windows: int, work: Path) -> dict:
@@ -101,15 +105,13 @@ def measure(alias: str, file_type: str, with_imatrix: bool, n_windows: int, work
 
 def measure_shipped(alias: str, n_windows: int) -> dict:
     """llama.cpp on the zoo's own GGUF file vs q2lab's float model made from it, same windows."""
-    from q2lab.eval.likelihood import score_windows
     from q2lab.models import zoo
 
     t0 = time.time()
     lm = load_model(alias)
     path = zoo.fetch(alias, quiet=True)
     windows = corpus_windows(lm, load_corpus("wikitext2"), n_windows, CTX)
-    stats = score_windows(lm.model, windows)
-    ppl_q2lab = float(np.exp(sum(stats.nll) / sum(stats.tokens)))
+    ppl_q2lab = _ppl(lm.model, windows)
     t1 = time.time()
     del lm
     ppl_llamacpp = llamacpp.perplexity(path, windows)
