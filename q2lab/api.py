@@ -9,6 +9,7 @@ api.run_study("examples/quickstart.yaml", "runs/quickstart")
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from q2lab.eval.distill import distill_data
 from q2lab.eval.records import Record
 from q2lab.eval.tasks import Evaluator, check_data, parse_task
 from q2lab.finetune import finetuner
+from q2lab.models.arch import find_decoder
+from q2lab.models.lazy import is_lazy, refuse_lazy
 from q2lab.models.loader import LoadedModel, load_model
 from q2lab.quant.base import get_quantizer, make_config
 from q2lab.quant.model import quantize_model
@@ -28,8 +31,8 @@ from q2lab.study.runner import run_study
 __all__ = ["calibrate", "evaluate", "load_model", "quantize", "run_study"]
 
 
-def _as_loaded(model: str | LoadedModel) -> LoadedModel:
-    return model if isinstance(model, LoadedModel) else load_model(model)
+def _as_loaded(model: str | LoadedModel, lazy: bool = False) -> LoadedModel:
+    return model if isinstance(model, LoadedModel) else load_model(model, lazy=lazy)
 
 
 def calibrate(
@@ -40,11 +43,13 @@ def calibrate(
     seed: int = 0,
     out: str | Path | None = None,
     weights: Sequence[float] | None = None,
+    lazy: bool = False,
 ) -> HessianStore:
     """Compute (or reuse) the shared Hessian store of ``model``.  ``corpus`` may be a mix
-    (``"wikitext2+polish"``) drawn in ``weights`` proportions (default: equal)."""
+    (``"wikitext2+polish"``) drawn in ``weights`` proportions (default: equal).  ``lazy``: read
+    the model's blocks from disk one at a time (:mod:`q2lab.models.lazy`)."""
     spec = CalibSpec(corpus, windows, ctx, seed, weights)
-    return _calibrate(_as_loaded(model), spec, root=Path(out) if out else None)
+    return _calibrate(_as_loaded(model, lazy), spec, root=Path(out) if out else None)
 
 
 def open_store(loaded: LoadedModel, calib: str | Path, spec: CalibSpec) -> HessianStore:
@@ -80,27 +85,44 @@ def quantize(
     ctx: int = 512,
     seed: int = 0,
     weights: Sequence[float] | None = None,
+    lazy: bool = False,
 ) -> dict[str, Any]:
-    """Quantize ``model`` in place with ``method``; save a checkpoint to ``out`` if given."""
+    """Quantize ``model`` in place with ``method``; save a checkpoint to ``out`` if given.
+
+    ``lazy``: load ``model`` out of core (:mod:`q2lab.models.lazy`): each block is read from
+    disk, quantized and written to ``out`` (required) before the next, so memory holds one block
+    whatever the model's size; block-local methods only."""
     cfg = make_config(method, options)  # validate before loading anything
-    loaded = _as_loaded(model)
+    if lazy and not out:
+        raise ConfigError("out-of-core (lazy) quantization writes each block as it goes: give out=")
+    loaded = _as_loaded(model, lazy)
+    streamed = is_lazy(loaded.model)
+    if streamed and not out:
+        raise ConfigError("an out-of-core (lazy) model is quantized into a checkpoint: give out=")
     store = None
     if get_quantizer(method).uses_hessian(cfg):
         store = _hessians(loaded, calib, CalibSpec(corpus, windows, ctx, seed, weights))
-    report = quantize_model(
-        loaded.model,
-        method,
-        cfg,
-        store,
-        tuner=finetuner(loaded, store, cfg, teacher_data=distill_data(loaded, cfg)),
-        windows=None
-        if store is None
-        else lambda n=None, ctx=None: calibration_windows(loaded, store, n, ctx),
-    )
-    summary = report.to_dict(per_layer=True)
-    if store is not None:
-        summary["hessians"] = loaded.info.calibration = store.describe()
-    if out:
+    from q2lab.export.checkpoint import CheckpointWriter
+
+    writer = CheckpointWriter(loaded, out, find_decoder(loaded.model).layers_path) if streamed else None
+    with writer or contextlib.nullcontext():
+        report = quantize_model(
+            loaded.model,
+            method,
+            cfg,
+            store,
+            tuner=None if streamed else finetuner(loaded, store, cfg, teacher_data=distill_data(loaded, cfg)),
+            windows=None
+            if store is None
+            else lambda n=None, ctx=None: calibration_windows(loaded, store, n, ctx),
+            on_block=writer.block if writer else None,
+        )
+        summary = report.to_dict(per_layer=True)
+        if store is not None:
+            summary["hessians"] = loaded.info.calibration = store.describe()
+        if writer is not None:
+            writer.finish(summary)
+    if out and writer is None:
         from q2lab.export.checkpoint import save_checkpoint
 
         save_checkpoint(loaded, out, summary)
@@ -124,6 +146,9 @@ def evaluate(
     for spec in specs:
         check_data(spec)
     reference = _as_loaded(ref) if ref is not None else None
+    for m in (candidate, reference):
+        if isinstance(m, LoadedModel):
+            refuse_lazy(m.model, "evaluation")
     evaluator = Evaluator(reference) if warn is None else Evaluator(reference, warn=warn)
     return evaluator.run(_as_loaded(candidate), specs)
 
@@ -182,6 +207,7 @@ def export(
     if type.upper() not in DEFAULT_TYPE and type.upper() not in UNSUPPORTED:
         raise ConfigError(f"unknown GGUF file type {type!r}; known: {', '.join(DEFAULT_TYPE)}")
     loaded = _as_loaded(model)
+    refuse_lazy(loaded.model, "GGUF export")
     matrix = None
     if imatrix is not None and str(imatrix) == "auto":
         store = _hessians(loaded, calib, CalibSpec(corpus, windows, ctx, seed, weights))

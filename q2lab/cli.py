@@ -55,6 +55,7 @@ def cmd_calibrate(args) -> int:
         seed=args.seed,
         out=args.out,
         weights=args.corpus_weights,
+        lazy=args.lazy,
     )
     print(json.dumps({"store": str(store.path), **store.describe()}, indent=2))
     return 0
@@ -85,6 +86,7 @@ def cmd_quantize(args) -> int:
         args.method,
         options,
         out=args.out,
+        lazy=args.lazy,
         **_calib_kwargs(args),
     )
     summary = {k: v for k, v in report.items() if k != "layers"}
@@ -209,10 +211,19 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--ctx", type=int, default=512, help="tokens per window")
         s.add_argument("--seed", type=int, default=0)
 
+    def lazy_arg(s) -> None:
+        s.add_argument(
+            "--lazy",
+            action="store_true",
+            help="out of core: read one decoder block at a time from the model's safetensors "
+            "(models larger than memory; block-local methods)",
+        )
+
     s = sub.add_parser("calibrate", help="compute and store the shared Hessians (once)")
     s.add_argument("model")
     calib_args(s)
     s.add_argument("--out", help="Hessian store root (default: the q2lab cache)")
+    lazy_arg(s)
     s.set_defaults(func=cmd_calibrate)
 
     s = sub.add_parser("quantize", help="quantize a model and save a q2lab checkpoint")
@@ -228,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     calib_args(s)
     s.add_argument("--out", required=True, help="checkpoint folder to write")
+    lazy_arg(s)
     s.set_defaults(func=cmd_quantize)
 
     s = sub.add_parser("eval", help="evaluate a model (or checkpoint) against a reference")

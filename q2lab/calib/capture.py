@@ -4,16 +4,18 @@ Why streaming: a model's Hessians for every layer at once do not fit in memory f
 models (an 11B Mistral has ≈ 80 GB of float64 Hessians), and holding every window's
 activations for every layer is worse.  So we run the model one decoder block at a time:
 
-1. one ordinary forward pass on one window records, for every block, the keyword arguments
-   the model passes it (attention masks, rotary embeddings, ...), since these differ per
-   block in some architectures (Gemma 3 alternates local and global attention);
+1. one forward pass on one window, with every block replaced by a recorder that passes its
+   input on, records the keyword arguments the model passes each block (attention masks,
+   rotary embeddings, ...), since these differ per block in some architectures (Gemma 3
+   alternates local and global attention);
 2. the inputs of block 0 for all windows are captured and written to a disk buffer;
 3. for each block: attach Hessian hooks to its linears, run every window through it, write
    its outputs to a second disk buffer (the next block's inputs), store its Hessians, swap.
 
 Memory is one block's activations for one window plus that block's Hessians, independent of
-the number of windows (buffers are on disk, read back one window at a time).  Linears fed the
-same tensor (q/k/v, gate/up) share one accumulator.
+the number of windows (buffers are on disk, read back one window at a time); for a model loaded
+out of core (:mod:`q2lab.models.lazy`) the block's weights are read from disk when its turn
+comes and dropped after it.  Linears fed the same tensor (q/k/v, gate/up) share one accumulator.
 
 Mixture-of-experts blocks (:class:`~q2lab.models.arch.UnfusedExperts`) give each expert the
 Hessian of the tokens routed to it.  An expert that received fewer than ``min_expert_tokens``
@@ -39,6 +41,7 @@ from torch import nn
 
 from q2lab.calib.hessian import Hessian, HessianAccumulator
 from q2lab.models.arch import EXPERT_LINEARS, DecoderLayout, UnfusedExperts, find_decoder
+from q2lab.models.lazy import resident
 from q2lab.utils.progress import progress
 
 
@@ -85,24 +88,33 @@ class BlockCall:
 
 
 def capture_block_calls(model: nn.Module, layout: DecoderLayout, window: torch.Tensor) -> list[BlockCall]:
-    """Record each block's call arguments during one forward pass of ``window`` (1 × ctx)."""
+    """Record each block's call arguments during one forward pass of ``window`` (1 × ctx).
+
+    The blocks themselves do not run: each is replaced for the pass by a recorder that hands its
+    input on unchanged (the arguments — masks, rotary tables, cache positions — are computed
+    before the first block and do not depend on block outputs), and the pass stops after the
+    last block.  So recording costs an embedding lookup, and works on an out-of-core model whose
+    blocks are not in memory (:mod:`q2lab.models.lazy`)."""
     calls: list[BlockCall | None] = [None] * len(layout)
+    last = len(layout) - 1
 
-    def make_hook(i: int) -> Callable:
-        def hook(_mod, args, kwargs):
+    def make_recorder(i: int) -> Callable:
+        def record(*args, **kwargs):
             calls[i] = BlockCall(tuple(args[1:]), dict(kwargs))
+            if i == last:
+                raise _Stop
+            return _hidden_of(args, kwargs)
 
-        return hook
+        return record
 
-    handles = [
-        blk.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, blk in enumerate(layout.layers)
-    ]
     try:
-        with torch.no_grad():
+        for i, blk in enumerate(layout.layers):
+            blk.forward = make_recorder(i)  # instance attribute: nn.Module.__call__ calls it
+        with torch.no_grad(), contextlib.suppress(_Stop):
             model(input_ids=window, use_cache=False)
     finally:
-        for h in handles:
-            h.remove()
+        for blk in layout.layers:
+            blk.__dict__.pop("forward", None)
     missing = [i for i, c in enumerate(calls) if c is None]
     if missing:
         raise RuntimeError(f"decoder blocks {missing} were not called during a forward pass")
@@ -245,30 +257,51 @@ def stream_hessians(
         capture_block_inputs(model, layout, windows, cur)
         fallbacks: dict[str, int] = {}
         for b in progress(range(len(layout)), "calibration", len(layout), unit="block"):
-            block, call = layout.layers[b], calls[b]
-
-            def run(hooks: _BlockHessians, write: bool, block=block, call=call, src=cur, dst=nxt) -> None:
-                for i in range(n):
-                    hooks.start_window()
-                    out = block(src.read(i, device), *call.args, **call.kwargs)
-                    if write:
-                        dst.write(i, _block_output(out)[0])
-
-            hooks = _BlockHessians(layout.block_linears(b))
-            try:
-                run(hooks, write=True)
-            finally:
-                hessians = hooks.close()
-            groups = dict(hooks.groups)
-            starved = _starved_experts(block, groups, hessians, min_tokens)
-            if starved:
-                dense_h, dense_g = _dense_pass(block, starved, lambda h: run(h, write=False))
-                hessians.update(dense_h)
-                groups.update(dense_g)
-                for path, experts in starved.items():
-                    for e, routed in experts.items():
-                        for name in EXPERT_LINEARS:
-                            fallbacks[layout.full_name(b, f"{path}.{e}.{name}")] = routed
-            on_block(b, hessians, groups)
+            with resident(model, b):  # an out-of-core model reads the block from disk here
+                fallbacks.update(
+                    _block_hessians(layout, b, calls[b], cur, nxt, n, device, min_tokens, on_block)
+                )
             cur, nxt = nxt, cur
+    return fallbacks
+
+
+def _block_hessians(
+    layout: DecoderLayout,
+    b: int,
+    call: BlockCall,
+    cur: ActivationBuffer,
+    nxt: ActivationBuffer,
+    n: int,
+    device: torch.device,
+    min_tokens: int,
+    on_block: Callable[[int, dict[str, Hessian], dict[str, str]], None],
+) -> dict[str, int]:
+    """One block of :func:`stream_hessians`: its Hessians (to ``on_block``), its outputs (to
+    ``nxt``) and the MoE experts whose Hessian fell back to every token."""
+    block = layout.layers[b]
+
+    def run(hooks: _BlockHessians, write: bool) -> None:
+        for i in range(n):
+            hooks.start_window()
+            out = block(cur.read(i, device), *call.args, **call.kwargs)
+            if write:
+                nxt.write(i, _block_output(out)[0])
+
+    hooks = _BlockHessians(layout.block_linears(b))
+    try:
+        run(hooks, write=True)
+    finally:
+        hessians = hooks.close()
+    groups = dict(hooks.groups)
+    fallbacks: dict[str, int] = {}
+    starved = _starved_experts(block, groups, hessians, min_tokens)
+    if starved:
+        dense_h, dense_g = _dense_pass(block, starved, lambda h: run(h, write=False))
+        hessians.update(dense_h)
+        groups.update(dense_g)
+        for path, experts in starved.items():
+            for e, routed in experts.items():
+                for name in EXPERT_LINEARS:
+                    fallbacks[layout.full_name(b, f"{path}.{e}.{name}")] = routed
+    on_block(b, hessians, groups)
     return fallbacks

@@ -13,6 +13,8 @@ import torch
 
 from q2lab.errors import ShapeError
 
+_PRODUCT_ELEMENTS = 1 << 25  # elements of one band of XᵀX or of its mean (128–256 MiB)
+
 
 @dataclass
 class Hessian:
@@ -26,8 +28,14 @@ class Hessian:
         return int(self.xtx.shape[0])
 
     def mean(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """E[x xᵀ] = XᵀX / n (the scale GPTQ's damping is relative to)."""
-        return (self.xtx / max(self.n, 1)).to(dtype)
+        """E[x xᵀ] = XᵀX / n (the scale GPTQ's damping is relative to), always a new tensor the
+        caller may change.  Computed in row bands: a float32 mean of a 14336-wide float64 sum
+        would otherwise pass through a 1.6 GiB float64 temporary."""
+        out = torch.empty(self.xtx.shape, dtype=dtype, device=self.xtx.device)
+        n, step = max(self.n, 1), max(1, _PRODUCT_ELEMENTS // max(self.dim, 1))
+        for r in range(0, self.dim, step):
+            out[r : r + step] = self.xtx[r : r + step] / n
+        return out
 
     def importance(self) -> torch.Tensor:
         """Per-input-channel mean of x², i.e. llama.cpp's importance matrix entry."""
@@ -50,7 +58,13 @@ class HessianAccumulator:
         if x.shape[1] != self.xtx.shape[0]:
             raise ShapeError(f"input of width {x.shape[1]} fed to a {self.xtx.shape[0]}-wide Hessian")
         x32 = x.to(torch.float32)
-        self.xtx += (x32.T @ x32).to(torch.float64)
+        d = x32.shape[1]
+        step = max(1, _PRODUCT_ELEMENTS // d)
+        if step >= d:  # add_ casts on the fly: no float64 copy of the product
+            self.xtx.add_(x32.T @ x32)
+        else:  # wide inputs (a 7B MLP's 14336): the float32 product by column bands, not whole
+            for j in range(0, d, step):
+                self.xtx[:, j : j + step].add_(x32.T @ x32[:, j : j + step])
         self.n += int(x.shape[0])
 
     def result(self) -> Hessian:

@@ -22,8 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from q2lab.calib import capture
 from q2lab.calib.capture import stream_hessians
@@ -42,6 +40,7 @@ from q2lab.errors import CorruptFileError, ModelError, Q2labError
 from q2lab.models.arch import EXPERT_LINEARS, find_decoder
 from q2lab.utils.io import atomic_path, cache_dir, sha256_json, write_json_atomic
 from q2lab.utils.provenance import versions
+from q2lab.utils.tensorfile import SafetensorsFiles, write_safetensors
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -106,7 +105,7 @@ class HessianStore:
             raise CorruptFileError(
                 f"{self.path}: Hessian store format {self.manifest.get('format')} is not supported"
             )
-        self._block_cache: tuple[int, dict[str, torch.Tensor]] | None = None
+        self._cache: tuple[int, str, torch.Tensor] | None = None
         self._description: dict[str, Any] | None = None
 
     @property
@@ -120,14 +119,20 @@ class HessianStore:
     def block_file(self, block: int) -> Path:
         return self.path / f"block_{block:04d}.safetensors"
 
-    def _block_tensors(self, block: int) -> dict[str, torch.Tensor]:
-        if self._block_cache is None or self._block_cache[0] != block:
+    def _tensor(self, block: int, name: str) -> torch.Tensor:
+        """One Hessian of a block file, read alone (a 7B block's file is 2 GiB, its largest
+        Hessian 1.6); the last one read is kept, since the linears of a group ask in turn."""
+        if self._cache is None or self._cache[:2] != (block, name):
+            self._cache = None  # drop the previous one before reading the next
             path = self.block_file(block)
             try:
-                self._block_cache = (block, load_file(str(path)))
-            except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+                files = SafetensorsFiles(path)
+            except (ModelError, CorruptFileError) as e:
                 raise CorruptFileError(f"cannot read Hessians from {path}: {e}") from e
-        return self._block_cache[1]
+            if name not in files:
+                raise CorruptFileError(f"Hessian store {self.path}: {path.name} has no tensor {name}")
+            self._cache = (block, name, files.read(name))
+        return self._cache[2]
 
     def hessian(self, linear: str) -> Hessian:
         """The Hessian of the input of ``linear`` (full module name, e.g. ``model.layers.3.mlp.up_proj``)."""
@@ -136,7 +141,7 @@ class HessianStore:
             raise ModelError(
                 f"the Hessian store {self.path} has no entry for layer {linear}; was it built for this model?"
             )
-        return Hessian(self._block_tensors(entry["block"])[entry["tensor"]], int(entry["n"]))
+        return Hessian(self._tensor(entry["block"], entry["tensor"]), int(entry["n"]))
 
     def importance(self, linear: str) -> torch.Tensor:
         return self.hessian(linear).importance()
@@ -236,10 +241,7 @@ def calibrate(loaded, spec: CalibSpec = CalibSpec(), root: Path | None = None) -
     with atomic_path(path, is_dir=True) as tmp:
 
         def on_block(b: int, hessians: dict[str, Hessian], groups: dict[str, str]) -> None:
-            save_file(
-                {name: h.xtx.contiguous() for name, h in hessians.items()},
-                str(tmp / f"block_{b:04d}.safetensors"),
-            )
+            write_safetensors(tmp / f"block_{b:04d}.safetensors", {n: h.xtx for n, h in hessians.items()})
             for lin, leader in groups.items():
                 linears[layout.full_name(b, lin)] = {"block": b, "tensor": leader, "n": hessians[leader].n}
 

@@ -24,7 +24,14 @@ import numpy as np
 import torch
 
 from q2lab.errors import ConfigError, CorruptFileError, ModelError
-from q2lab.quant.ggml.archs import TOP_NAMES, arch_spec, gguf_name, gguf_order, plan_for
+from q2lab.quant.ggml.archs import (
+    arch_spec,
+    from_gguf_layout,
+    gguf_name,
+    gguf_order,
+    hf_key,
+    plan_for,
+)
 from q2lab.quant.ggml.imatrix import Imatrix
 from q2lab.quant.ggml.recipes import FilePlan
 from q2lab.utils.io import atomic_path
@@ -336,32 +343,12 @@ def load_into(loaded, path: str | Path) -> None:
     values = dequantized_state(path)
     by_gguf = {t.name: t for t in gguf_tensors(loaded.model)}
     state = loaded.model.state_dict()
-    inverse = {v: k for k, v in TOP_NAMES.items()}
-    inverse_block = {v: k for k, v in spec.block_names.items()}
     for name, arr in values.items():
-        if name == "output.weight":
-            key = "lm_head.weight"
-        elif name in inverse:
-            key = inverse[name]
-        else:
-            layer, local = name.split(".", 2)[1:]
-            key = f"model.layers.{layer}.{inverse_block[local]}"
+        key = hf_key(name, spec)
         arr = arr.reshape(by_gguf[name].data.shape)
-        if spec.norm_offset and _is_norm(key):
-            arr = arr - np.float32(spec.norm_offset)
-        if key.endswith("q_proj.weight") and spec.permute_qk:
-            arr = _unpermute(arr, cfg.num_attention_heads, cfg.num_attention_heads)
-        elif key.endswith("k_proj.weight") and spec.permute_qk:
-            arr = _unpermute(arr, cfg.num_attention_heads, cfg.num_key_value_heads)
+        arr = from_gguf_layout(key, arr, spec, cfg.num_attention_heads, cfg.num_key_value_heads)
         with torch.no_grad():
             state[key].copy_(torch.from_numpy(np.array(arr)).to(state[key].dtype))
-
-
-def _unpermute(w: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:
-    heads = n_head_kv if n_head != n_head_kv else n_head
-    return np.ascontiguousarray(
-        w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-    )
 
 
 _SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value types

@@ -5,6 +5,8 @@ Layout of a checkpoint folder (written by :func:`q2lab.export.checkpoint.save_ch
     q2lab_manifest.json   format, base model provenance, quantization report, per-linear format
     model.safetensors     every QuantizedTensor's stored tensors ("<linear>.<name>") and every
                           float tensor of the model (embeddings, norms, biases), tied ones once
+    block_NNNN.safetensors  (a checkpoint streamed from an out-of-core model) block NNNN's
+                          tensors; the manifest's ``files`` then lists every weights file
     config.json, tokenizer files  (so the folder loads without the original model)
 
 Loading rebuilds the architecture from ``config.json`` without initialising weights, puts a
@@ -52,10 +54,12 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> LoadedModel:
 
     path = Path(path)
     manifest = read_manifest(path)
-    try:
-        tensors = load_file(str(path / WEIGHTS))
-    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
-        raise CorruptFileError(f"checkpoint {path}: cannot read {WEIGHTS}: {e}") from e
+    tensors: dict[str, torch.Tensor] = {}
+    for fname in manifest.get("files", [WEIGHTS]):  # streamed checkpoints have one file per block
+        try:
+            tensors.update(load_file(str(path / fname)))
+        except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+            raise CorruptFileError(f"checkpoint {path}: cannot read {fname}: {e}") from e
     try:
         config = AutoConfig.from_pretrained(str(path))
         tok = AutoTokenizer.from_pretrained(str(path))

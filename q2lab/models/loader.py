@@ -17,6 +17,7 @@ import torch
 from q2lab.errors import ModelError
 from q2lab.models import gguf_loader, zoo
 from q2lab.models.arch import find_decoder, prepare_model
+from q2lab.models.lazy import load_lazy
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _FULL_HASH_LIMIT = 1 << 30  # hash weight files fully below 1 GiB in total, else sample them
@@ -72,10 +73,18 @@ def _dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def load_model(
-    source: str | os.PathLike, dtype: str | torch.dtype = "float32", device: str = "cpu"
+    source: str | os.PathLike,
+    dtype: str | torch.dtype = "float32",
+    device: str = "cpu",
+    lazy: bool = False,
 ) -> LoadedModel:
-    """Load ``source`` (alias, directory, hub id, .gguf file, or q2lab checkpoint)."""
+    """Load ``source`` (alias, directory, hub id, .gguf file, or q2lab checkpoint).
+
+    ``lazy``: keep the decoder blocks in their safetensors files until calibration or quantization
+    reads them one at a time (:mod:`q2lab.models.lazy`), for models larger than memory."""
     name = str(source)
+    if lazy and device != "cpu":
+        raise ModelError("lazy (out-of-core) loading runs on the CPU; load to another device without lazy")
     path = Path(name).expanduser()
     if zoo.is_alias(name):
         gguf_path = zoo.fetch(name)
@@ -85,6 +94,7 @@ def load_model(
             gguf_path,
             dtype,
             device,
+            lazy=lazy,
             kind="zoo",
             digest=entry.sha256,
             notes=[f"float reference = dequantized shipped weights ({entry.shipped_as})"],
@@ -93,6 +103,10 @@ def load_model(
         if path.is_dir() and (path / CHECKPOINT_MANIFEST).exists():
             from q2lab.models.checkpoint import load_checkpoint
 
+            if lazy:
+                raise ModelError(
+                    f"{path} is a q2lab checkpoint: it loads whole (lazy loading is for float models)"
+                )
             return load_checkpoint(path, device=device)
         if path.is_file():
             if path.suffix.lower() != ".gguf":
@@ -100,15 +114,21 @@ def load_model(
                     f"{path} is a file but not a .gguf file; pass a model directory, a .gguf, or an alias"
                 )
             return _load_gguf(
-                name, path, dtype, device, kind="gguf", notes=["float reference = dequantized GGUF weights"]
+                name,
+                path,
+                dtype,
+                device,
+                lazy=lazy,
+                kind="gguf",
+                notes=["float reference = dequantized GGUF weights"],
             )
         if not (path / "config.json").exists():
             raise ModelError(f"{path} is a directory without config.json; not a Hugging Face model directory")
-        return _load_hf_dir(name, path, dtype, device, kind="hf_dir")
+        return _load_hf_dir(name, path, dtype, device, kind="hf_dir", lazy=lazy)
     if name.lower().endswith(".gguf") or (os.sep in name and not _HUB_ID.match(name)):
         raise ModelError(f"model path {name} does not exist")
     if _HUB_ID.match(name):
-        return _load_hf_dir(name, _resolve_hub(name), dtype, device, kind="hf_hub")
+        return _load_hf_dir(name, _resolve_hub(name), dtype, device, kind="hf_hub", lazy=lazy)
     raise ModelError(
         f"cannot resolve model {name!r}: not a zoo alias ({', '.join(sorted(zoo.ZOO))}), "
         "an existing path, or a Hugging Face hub id (org/name)"
@@ -131,13 +151,21 @@ def _resolve_hub(repo_id: str) -> Path:
 
 
 def _load_gguf(
-    name: str, path: Path, dtype, device, *, kind: str, digest: str | None = None, notes: list[str]
+    name: str,
+    path: Path,
+    dtype,
+    device,
+    *,
+    kind: str,
+    digest: str | None = None,
+    notes: list[str],
+    lazy: bool = False,
 ) -> LoadedModel:
     gguf_loader.check_gguf(path)
     converted, digest = gguf_loader.converted_dir(path, digest)
     src = gguf_loader.source_info(converted)
     loaded = _load_hf_dir(
-        name, converted, dtype, device, kind=kind, fingerprint=digest, add_bos=src.get("add_bos")
+        name, converted, dtype, device, kind=kind, fingerprint=digest, add_bos=src.get("add_bos"), lazy=lazy
     )
     loaded.info.path = str(path)
     loaded.info.notes.extend(notes)
@@ -154,6 +182,7 @@ def _load_hf_dir(
     kind: str,
     fingerprint: str | None = None,
     add_bos: bool | None = None,
+    lazy: bool = False,
 ) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -162,10 +191,14 @@ def _load_hf_dir(
 
     try:
         tok = AutoTokenizer.from_pretrained(str(path))
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_dtype(dtype))
+        if lazy:
+            model = load_lazy(path, _dtype(dtype))
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_dtype(dtype))
     except (ValueError, KeyError, OSError) as e:
         raise ModelError(f"transformers cannot load {path}: {e}") from e
-    prepare_model(model).to(device).eval()
+    if not lazy:  # a lazy model is on the CPU already, its blocks on ``meta``
+        prepare_model(model).to(device).eval()
     find_decoder(model)  # fail now, with a clear message, on unsupported architectures
     if add_bos is None:
         add_bos = tokenizer_adds_bos(tok)

@@ -23,7 +23,8 @@ from q2lab.calib.hessian import Hessian
 from q2lab.calib.store import HessianStore
 from q2lab.errors import ConfigError
 from q2lab.models.arch import find_decoder
-from q2lab.quant.base import MethodConfig, QuantizedTensor, get_quantizer
+from q2lab.models.lazy import is_lazy, resident
+from q2lab.quant.base import MethodConfig, QuantizedTensor, Quantizer, get_quantizer
 from q2lab.quant.finetune_option import needs_tuner
 from q2lab.quant.linear import QuantLinear
 from q2lab.utils.progress import progress
@@ -126,7 +127,7 @@ def _mean(values: list[float | None]) -> float | None:
 
 def proxy_rel(weight: torch.Tensor, deq: torch.Tensor, hessian: Hessian) -> float:
     """tr((W−Q) H (W−Q)ᵀ) / tr(W H Wᵀ), the layer-output error GPTQ-style methods minimise."""
-    h = hessian.mean(torch.float64).to(weight.device)
+    h = hessian.xtx.to(weight.device, torch.float64)  # the ratio does not depend on H's scale
     w = weight.double()
     e = w - deq.double()
     den = float(((w @ h) * w).sum())
@@ -162,6 +163,7 @@ def quantize_model(
     cache_weight: bool = True,
     tuner: TunerFactory | None = None,
     windows: Callable[..., torch.Tensor] | None = None,
+    on_block: Callable[[int], None] | None = None,
 ) -> QuantReport:
     """Quantize ``model``'s decoder linears in place with ``method``; returns the report.
 
@@ -181,23 +183,28 @@ def quantize_model(
     layout = find_decoder(model)
     report = QuantReport(quantizer.name, cfg.to_dict())
     t_start = time.time()
+    if is_lazy(model):
+        _check_streamable(quantizer, cfg, on_block)
     store, prepared = quantizer.prepare_model(model, cfg, store, windows)
     report.notes.extend(prepared)
     report.plan = quantizer.plan(cfg)
     run = _tuner(model, cfg, tuner)
     assigned = quantizer.layer_methods(model, cfg)
     for b in progress(range(len(layout)), f"quantize {quantizer.name}", len(layout), unit="block"):
-        linears = {
-            n: m for n, m in layout.block_linears(b).items() if _selected(layout.full_name(b, n), skip)
-        }
-        if run is not None:
-            run.before_block(b)
-        for group, q, c in _assign(
-            layout, b, input_groups(layout, b, linears, store), assigned, quantizer, cfg
-        ):
-            _quantize_group(model, layout, b, group, linears, q, c, store, report, cache_weight)
-        if run is not None:
-            run.after_block(b)
+        with resident(model, b):  # an out-of-core model reads block b from disk, drops it after
+            linears = {
+                n: m for n, m in layout.block_linears(b).items() if _selected(layout.full_name(b, n), skip)
+            }
+            if run is not None:
+                run.before_block(b)
+            for group, q, c in _assign(
+                layout, b, input_groups(layout, b, linears, store), assigned, quantizer, cfg
+            ):
+                _quantize_group(model, layout, b, group, linears, q, c, store, report, cache_weight)
+            if run is not None:
+                run.after_block(b)
+            if on_block is not None:
+                on_block(b)
     if run is not None:
         report.finetune = run.finish()
     report.notes.extend(quantizer.finish_model(model, cfg))
@@ -214,6 +221,29 @@ def quantize_model(
     if skip:
         report.notes.append(f"kept in float by skip patterns: {skip}")
     return report
+
+
+def _check_streamable(quantizer: Quantizer, cfg: MethodConfig, on_block: Callable | None) -> None:
+    """An out-of-core model streams block-local methods only, into a writer."""
+    whole = [
+        what
+        for what, hit in (
+            ("a whole-model transform", type(quantizer).prepare_model is not Quantizer.prepare_model),
+            ("a whole-model finishing step", type(quantizer).finish_model is not Quantizer.finish_model),
+            ("fine-tuning", needs_tuner(cfg)),
+        )
+        if hit
+    ]
+    if whole:
+        raise ConfigError(
+            f"method {quantizer.name} with these options runs {' and '.join(whole)}, which needs the "
+            "whole model in memory; load the model without lazy"
+        )
+    if on_block is None:
+        raise ConfigError(
+            "an out-of-core (lazy) model drops each block after quantizing it: pass on_block that "
+            "writes it (q2lab.api.quantize with out=… does)"
+        )
 
 
 def _tuner(model: nn.Module, cfg: MethodConfig, factory: TunerFactory | None) -> BlockTuner | None:

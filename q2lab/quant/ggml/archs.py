@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from q2lab.errors import ConfigError
@@ -109,6 +110,32 @@ def gguf_name(key: str, spec: ArchSpec, tied: bool) -> tuple[str, str] | None:
     local = m.group(2)
     module = key.rsplit(".", 1)[0] if local.endswith("proj.weight") else ""
     return f"blk.{int(m.group(1))}.{spec.block_names[local]}", module
+
+
+def hf_key(name: str, spec: ArchSpec) -> str:
+    """The transformers state-dict key of GGUF tensor ``name``: the inverse of :func:`gguf_name`."""
+    if name == "output.weight":
+        return "lm_head.weight"
+    for key, gname in TOP_NAMES.items():
+        if gname == name:
+            return key
+    m = re.match(r"^blk\.(\d+)\.(.+)$", name)
+    local = next((k for k, v in spec.block_names.items() if m and v == m.group(2)), None)
+    if local is None:
+        raise ConfigError(f"GGUF tensor {name} has no transformers name in a {spec.gguf_arch} model")
+    return f"model.layers.{int(m.group(1))}.{local}"
+
+
+def from_gguf_layout(key: str, arr: np.ndarray, spec: ArchSpec, n_head: int, n_head_kv: int) -> np.ndarray:
+    """A GGUF tensor's values (float32, transformers' shape) as transformers stores tensor
+    ``key``: the norm offset taken off and llama's rotary row interleaving undone."""
+    if spec.norm_offset and key.endswith("norm.weight"):
+        arr = arr - np.float32(spec.norm_offset)
+    if spec.permute_qk and key.endswith(("q_proj.weight", "k_proj.weight")):
+        heads = n_head if key.endswith("q_proj.weight") else n_head_kv
+        arr = arr.reshape(heads, arr.shape[0] // heads // 2, 2, *arr.shape[1:]).swapaxes(1, 2)
+        arr = arr.reshape(-1, *arr.shape[3:])
+    return np.ascontiguousarray(arr)
 
 
 def model_plan(model: torch.nn.Module, file_type: str, has_imatrix: bool) -> tuple[FilePlan, dict[str, str]]:
