@@ -56,7 +56,6 @@ class CheckpointWriter:
         self.aliases: dict[str, str] = {}
         self.dense_norms: dict[str, float] = {}
         self.files: list[str] = []
-        self._seen: dict[int, str] = {}
         self._written: set[str] = set()  # module-name prefixes already in a file
         self._finished = False
 
@@ -114,6 +113,9 @@ class CheckpointWriter:
         root = model.get_submodule(prefix) if prefix else model
         dot = f"{prefix}." if prefix else ""
         tensors: dict[str, torch.Tensor] = {}
+        # Ties by storage address within this file only: a block written before has been
+        # dropped, and the allocator may give its addresses to the next block's tensors.
+        seen: dict[int, str] = {}
         for rel, mod in root.named_modules():
             name = dot + rel if rel else prefix
             if isinstance(mod, QuantLinear) and self._pending(name + "."):
@@ -130,10 +132,10 @@ class CheckpointWriter:
             if value.is_meta:  # an out-of-core model's head, still in its source file
                 value = lazy_state(model).read(key)
             ptr = value.data_ptr()
-            if ptr in self._seen and value.numel() > 0:
-                self.aliases[key] = self._seen[ptr]  # tied weights (lm_head ↔ embeddings) once
+            if ptr in seen and value.numel() > 0:
+                self.aliases[key] = seen[ptr]  # tied weights (lm_head ↔ embeddings) once
                 continue
-            self._seen[ptr] = key
+            seen[ptr] = key
             tensors[key] = value.detach().cpu().contiguous()
         if tensors or filename == WEIGHTS:
             write_safetensors(self.tmp / filename, tensors)

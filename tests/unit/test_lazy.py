@@ -144,3 +144,21 @@ def test_cli_quantize_lazy(model_dir, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["method"] == "rtn" and 4 < out["bpw"] < 5
     assert (tmp_path / "c" / "block_0001.safetensors").exists()
+
+
+@pytest.mark.parametrize("arch,extra", [("gemma3", {}), ("qwen2", {}), ("mistral", {"sliding_window": 8})])
+def test_other_architectures_stream_the_same_checkpoint(arch, extra, tiny_text_file, tmp_path):
+    """Per-block call arguments (Gemma 3's local/global layers, Mistral's window), Q/K/V biases
+    and Gemma's scaled embeddings survive the meta skeleton."""
+    src = _save(make_tiny_model(arch, seed=1, **extra), tmp_path / "src")
+    store = _calib(load_model(src, lazy=True), tiny_text_file, tmp_path / "lazy-store")
+    eager_store = _calib(load_model(src), tiny_text_file, tmp_path / "store")
+    for name in eager_store.linears:
+        assert torch.equal(store.hessian(name).xtx, eager_store.hessian(name).xtx), name
+    common = dict(calib=eager_store.path, corpus=str(tiny_text_file), windows=4, ctx=32)
+    api.quantize(load_model(src, lazy=True), "gptq", {"bits": 4}, out=tmp_path / "s", **common)
+    api.quantize(str(src), "gptq", {"bits": 4}, out=tmp_path / "w", **common)
+    with torch.no_grad():
+        a = load_model(tmp_path / "s").model(IDS).logits
+        b = load_model(tmp_path / "w").model(IDS).logits
+    assert torch.equal(a, b)
