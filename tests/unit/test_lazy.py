@@ -162,3 +162,43 @@ def test_other_architectures_stream_the_same_checkpoint(arch, extra, tiny_text_f
         a = load_model(tmp_path / "s").model(IDS).logits
         b = load_model(tmp_path / "w").model(IDS).logits
     assert torch.equal(a, b)
+
+
+STREAMED = ["quip#", "qtip", "vptq", "butterfly", "q4_k", "mixed"]  # aqlm: as vptq, 14 s more
+WHOLE_MODEL = ["quarot", "spinquant", "auto", "upq"]
+
+
+@pytest.fixture(scope="module")
+def contract_dir(tmp_path_factory, tiny_text_file):
+    """The method contract's tiny Llama (rows of 256) as a folder, with its store."""
+    from tests.unit.test_method_contract import CKPT_MODEL
+
+    folder = _save(make_tiny_model("llama", seed=2, **CKPT_MODEL), tmp_path_factory.mktemp("contract"))
+    store = _calib(load_model(folder), tiny_text_file, tmp_path_factory.mktemp("contract-store"))
+    return folder, dict(calib=store.path, corpus=str(tiny_text_file), windows=4, ctx=32)
+
+
+@pytest.mark.parametrize("name", STREAMED)
+def test_block_local_methods_stream(name, contract_dir, tmp_path):
+    from tests.unit.test_method_contract import EXAMPLE_OPTIONS
+
+    folder, common = contract_dir
+    options = EXAMPLE_OPTIONS.get(name, {})
+    api.quantize(load_model(folder, lazy=True), name, options, out=tmp_path / "s", **common)
+    api.quantize(str(folder), name, options, out=tmp_path / "w", **common)
+    with torch.no_grad():
+        a = load_model(tmp_path / "s").model(IDS).logits
+        b = load_model(tmp_path / "w").model(IDS).logits
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", WHOLE_MODEL)
+def test_whole_model_methods_refuse_to_stream(name, contract_dir, tmp_path):
+    from tests.unit.test_method_contract import EXAMPLE_OPTIONS
+
+    folder, common = contract_dir
+    with pytest.raises(ConfigError, match="whole model in memory"):
+        api.quantize(
+            load_model(folder, lazy=True), name, EXAMPLE_OPTIONS.get(name, {}), out=tmp_path / "s", **common
+        )
+    assert not (tmp_path / "s").exists()
