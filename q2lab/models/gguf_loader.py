@@ -9,7 +9,6 @@ loads in well under a second with bit-identical weights and tokenization.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -142,17 +141,16 @@ def _convert_tensors(path: Path, tmp: Path, config: Any) -> None:
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    from q2lab.quant.ggml.archs import ARCHS, from_gguf_layout, hf_key
+    from q2lab.quant.ggml.archs import ARCHS, from_gguf_layout, gguf_order, hf_key
 
     spec = ARCHS[config.model_type]
     try:
         reader = gguf.GGUFReader(str(path))
     except (ValueError, IndexError, KeyError, OSError) as e:
         raise CorruptFileError(f"{path} is a corrupt or truncated GGUF file: {e}") from e
-    groups: dict[int, list[Any]] = {}
+    groups: dict[int, list[Any]] = {}  # block index (-1: not in a block) → its tensors
     for t in reader.tensors:
-        m = re.match(r"^blk\.(\d+)\.", t.name)
-        groups.setdefault(int(m.group(1)) if m else -1, []).append(t)
+        groups.setdefault(gguf_order(t.name)[0], []).append(t)
     n_head, n_kv = config.num_attention_heads, config.num_key_value_heads
     files = {b: f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i, b in enumerate(sorted(groups))}
     weight_map: dict[str, str] = {}

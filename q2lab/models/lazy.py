@@ -14,8 +14,8 @@ What streams: calibration (:func:`q2lab.calib.capture.stream_hessians`) and bloc
 :func:`q2lab.quant.model.quantize_model`, whose output goes to the checkpoint block by block
 (``q2lab.export.checkpoint.CheckpointWriter``).  Whole-model steps (rotations, learned transforms,
 fine-tuning, ``auto``'s probes, evaluation) need the model in memory and refuse a lazy one.
-GGUF sources are converted once to a safetensors folder (in memory, as for any GGUF) and stream
-from that folder afterwards.
+GGUF sources are converted once to a safetensors folder (tensor by tensor, one shard per block,
+by :mod:`q2lab.models.gguf_loader`) and stream from that folder afterwards.
 """
 
 from __future__ import annotations
@@ -171,10 +171,8 @@ def _load_resident(model: nn.Module, files: SafetensorsFiles, dtype: torch.dtype
     tied = head is not None and bool(getattr(model.config, "tie_word_embeddings", False))
     head_names = {n for n, p in model.named_parameters() if head is not None and p is head.weight}
     for name, p in model.named_parameters():
-        if name.startswith(blocks) or (name in head_names and not tied):
-            continue
-        if name in head_names and tied:
-            continue  # tied below, after the embeddings are read
+        if name.startswith(blocks) or name in head_names:
+            continue  # blocks and an untied head stay on disk; a tied head is tied below
         owner, attr = name.rsplit(".", 1)
         mod = model.get_submodule(owner)
         mod._parameters[attr] = nn.Parameter(state._checked(name, p), requires_grad=False)
