@@ -59,7 +59,7 @@ def _q2lab_case(args: dict) -> dict:
 
     from q2lab.eval.generation import generate
     from q2lab.models import load_model
-    from q2lab.quant.kv import KVConfig, cache_nbytes
+    from q2lab.quant.kv import KVConfig
     from q2lab.quant.linear import QuantLinear
 
     torch.set_num_threads(args["threads"])
@@ -67,7 +67,8 @@ def _q2lab_case(args: dict) -> dict:
     for m in loaded.model.modules():
         if isinstance(m, QuantLinear):
             m.cache_weight, m._cached = args["cached"], None
-    kv = KVConfig(**args["kv"]) if args["kv"] else None
+    # the peer: transformers' QuantizedCache in place of q2lab's (KVConfig.backend)
+    kv = KVConfig(**args["kv"], backend=args.get("kv_backend") or "q2lab") if args["kv"] else None
     eos = set(loaded.tokenizer.all_special_ids)
 
     def no_eos(ids, logits):
@@ -77,37 +78,21 @@ def _q2lab_case(args: dict) -> dict:
     prompts = [args["prompt"]] * args["batch"]
     gen = {"kv": kv, "logits_processor": no_eos, "batch_size": args["batch"]}
     generate(loaded, prompts[:1], 4, **gen)  # warm-up
-    caches: list = []
     if kv is not None:
-        import q2lab.eval.generation as g
-
-        make = g.kivi_cache
-        if args.get("kv_backend"):  # the peer: transformers' QuantizedCache in place of q2lab's
-            from transformers.cache_utils import QuantizedCache
-
-            def make(model, c):
-                return QuantizedCache(
-                    backend=args["kv_backend"],
-                    config=model.config,
-                    nbits=c.bits,
-                    residual_length=c.residual,
-                    q_group_size=c.group,
-                )
-
-        g.kivi_cache = lambda model, c: caches.append(make(model, c)) or caches[-1]
-        generate(loaded, prompts[:1], 4, **gen)  # warm-up (quanto compiles)
+        generate(loaded, prompts[:1], 4, **gen)  # a second warm-up (quanto compiles)
     t0 = time.perf_counter()
     generate(loaded, prompts, 1, **gen)
     prefill = time.perf_counter() - t0
     t0 = time.perf_counter()
-    samples = generate(loaded, prompts, args["new"], **gen)
+    kv_bytes: list[int] = []  # what q2lab's cache holds at the end (a peer's is not counted)
+    samples = generate(loaded, prompts, args["new"], **gen, kv_bytes=kv_bytes)
     total = time.perf_counter() - t0
     assert all(len(s.token_ids) == args["new"] for s in samples), [len(s.token_ids) for s in samples]
     return {
         "prefill_s": prefill,
         "decode_tok_s": args["batch"] * (args["new"] - 1) / max(total - prefill, 1e-9),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "kv_bytes": cache_nbytes(caches[-1]) if caches and not args.get("kv_backend") else None,
+        "kv_bytes": kv_bytes[-1] if kv_bytes else None,
     }
 
 

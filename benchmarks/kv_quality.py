@@ -36,40 +36,19 @@ from q2lab.eval.stats import bootstrap_ci
 RESIDUAL, GROUP = 128, 32
 
 
-def _peer_factory(backend: str):
-    """A ``kivi_cache``-shaped factory building transformers' QuantizedCache for ``backend``."""
-    from transformers.cache_utils import QuantizedCache
-
-    def make(model, cfg):
-        return QuantizedCache(
-            backend=backend,
-            config=model.config,
-            nbits=cfg.bits,
-            residual_length=cfg.residual,
-            q_group_size=cfg.group,
-        )
-
-    return make
-
-
 def _bootstrap(per_window: np.ndarray) -> tuple[float, float]:
     """95 % percentile CI of the mean over windows (2000 resamples, seed 0: the published runs')."""
     return bootstrap_ci(per_window, n_resamples=2000, seed=0)
 
 
-def run_case(model, windows, reference, kv, backend: str | None) -> dict:
-    """Score ``windows`` through one cache (``kv`` None: the plain float cache, one pass)."""
-    import q2lab.eval.likelihood as lk
+def run_case(model, windows, reference, kv) -> dict:
+    """Score ``windows`` through one cache (``kv`` None: the plain float cache, one pass; its
+    ``backend`` picks q2lab's cache or a transformers peer)."""
+    from q2lab.eval.likelihood import score_windows
 
-    real = lk.kivi_cache
-    if backend is not None:
-        lk.kivi_cache = _peer_factory(backend)
-    try:
-        t0 = time.perf_counter()
-        stats = lk.score_windows(model, windows, reference, desc=backend or "q2lab", kv=kv)
-        seconds = time.perf_counter() - t0
-    finally:
-        lk.kivi_cache = real
+    t0 = time.perf_counter()
+    stats = score_windows(model, windows, reference, desc=kv.backend if kv else "float", kv=kv)
+    seconds = time.perf_counter() - t0
     tokens = np.array(stats.tokens, dtype=np.float64)
     kld_window = np.array([k.mean() for k in stats.kld])
     return {
@@ -80,7 +59,7 @@ def run_case(model, windows, reference, kv, backend: str | None) -> dict:
         "top1": sum(stats.top1) / tokens.sum(),
         "tok_s": windows.numel() / seconds,
         # q2lab counts its packed format; a peer's cache is not introspected (printed as –)
-        "kv_bytes_per_token": stats.kv_bytes_per_token if backend is None else None,
+        "kv_bytes_per_token": stats.kv_bytes_per_token,
         "float_bytes_per_token": stats.kv_float_bytes_per_token,
     }
 
@@ -110,15 +89,14 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory(prefix="q2lab-kvq-") as tmp:
         reference = ReferenceCache.build(loaded.model, windows, os.path.join(tmp, "ref.f16"), "kvq")
-        base = run_case(loaded.model, windows, reference, None, None)
+        base = run_case(loaded.model, windows, reference, None)
         rows = [("float cache", base)]
         for bits in (int(b) for b in a.bits.split(",")):
-            kv = KVConfig(bits=bits, residual=RESIDUAL, group=GROUP)
             for backend in a.backends.split(","):
                 name = f"{backend} {bits}-bit"
                 try:
-                    peer = None if backend == "q2lab" else backend
-                    r = run_case(loaded.model, windows, reference, kv, peer)
+                    kv = KVConfig(bits=bits, residual=RESIDUAL, group=GROUP, backend=backend)
+                    r = run_case(loaded.model, windows, reference, kv)
                 except Exception as e:  # a peer that does not install or refuses the setting
                     print(f"{name:<16} skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
                     continue

@@ -58,7 +58,7 @@ from q2lab.data.language import (  # noqa: F401  (re-exported: the drift check's
 from q2lab.errors import ConfigError, DataError, ShapeError
 from q2lab.eval.records import Record
 from q2lab.eval.stats import UNITS_KEY, UnitScores, ids_sha256, mean_ci
-from q2lab.quant.kv import KVConfig, kivi_cache
+from q2lab.quant.kv import KVConfig, cache_nbytes, kivi_cache
 from q2lab.utils.kvcache import cache_kwargs, output_cache, reserve
 from q2lab.utils.progress import progress
 
@@ -336,6 +336,7 @@ def generate(
     done: Mapping[int, GenSample] | None = None,
     on_batch: Callable[[dict[int, GenSample]], None] | None = None,
     kv: KVConfig | None = None,
+    kv_bytes: list[int] | None = None,
 ) -> list[GenSample]:
     """Continue each prompt by up to ``max_new_tokens`` tokens, stopping at EOS.
 
@@ -348,7 +349,8 @@ def generate(
     from a resume file): only the other prompts are decoded, each batch's new samples go to
     ``on_batch`` as soon as it finishes.  ``kv`` decodes through a quantized KV cache
     (:func:`q2lab.quant.kv.kivi_cache`, prompt included); with it a row's left padding shares
-    the first key group of that row, so batched and unbatched samples may differ slightly.
+    the first key group of that row, so batched and unbatched samples may differ slightly;
+    ``kv_bytes`` gets what q2lab's cache holds at the end of each batch.
     """
     texts = list(prompts.prompts if isinstance(prompts, PromptSet) else prompts)
     lengths = [max_new_tokens] * len(texts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
@@ -375,7 +377,15 @@ def generate(
         n = lengths[batch[0]]
         gens = None if greedy else [_prompt_generator(seed, i) for i in batch]
         rows = _generate_batch(
-            loaded.model, [encoded[i] for i in batch], n, stop, gens, temperature, logits_processor, kv
+            loaded.model,
+            [encoded[i] for i in batch],
+            n,
+            stop,
+            gens,
+            temperature,
+            logits_processor,
+            kv,
+            kv_bytes,
         )
         fresh = {
             i: GenSample(
@@ -432,6 +442,7 @@ def _generate_batch(
     temperature: float,
     logits_processor: LogitsProcessor | None,
     kv: KVConfig | None = None,
+    kv_bytes: list[int] | None = None,
 ) -> list[tuple[list[int], bool]]:
     """Decode one left-padded batch; returns (new ids before EOS, hit EOS) per row.
 
@@ -484,6 +495,8 @@ def _generate_batch(
             **cache_kwargs(model, cache),
         )
         cache = output_cache(out)
+    if kv is not None and kv.native and kv_bytes is not None:
+        kv_bytes.append(cache_nbytes(cache))
     return [_cut_at_eos(row, stop) for row in new]
 
 

@@ -63,7 +63,7 @@ def _chunked_logits(model: torch.nn.Module, x: torch.Tensor, kv: KVConfig, kv_by
         model(input_ids=x[:, s : s + kv.group], use_cache=True, **cache_kwargs(model, cache)).logits
         for s in range(0, x.shape[1], kv.group)
     ]
-    if kv_bytes is not None:
+    if kv_bytes is not None and kv.native:  # a peer's cache is not introspected
         kv_bytes.append(cache_nbytes(cache))
     return torch.cat(parts, dim=1)
 

@@ -72,10 +72,11 @@ class TaskSpec:
     def label(self) -> str:
         """``KIND:DATA``, the records' ``task``; a variant of the same data (another ``ctx``, a
         quantized KV cache) is ``KIND:DATA@TAG`` so both fit in one study: ``tag`` when given,
-        else ``kvB`` for a task with a B-bit KV cache."""
+        else ``kvB`` for a task with a B-bit KV cache (``kvB-BACKEND`` through a peer's cache)."""
         tag = self.tag
         if tag is None and self.kv is not None:
-            tag = f"kv{dict(self.kv)['bits']}"
+            kv = dict(self.kv)
+            tag = f"kv{kv['bits']}" + (f"-{kv['backend']}" if "backend" in kv else "")
         return f"{self.kind}:{self.data}" + (f"@{tag}" if tag else "")
 
     def applies_to(self, is_reference: bool) -> bool:
@@ -142,7 +143,7 @@ def parse_task(spec: str | dict[str, Any], **defaults: Any) -> TaskSpec:
 
         if kind not in ("ppl", "kld", "gen"):
             raise ConfigError(f"task {name}: kv (a quantized KV cache) applies to ppl, kld and gen tasks")
-        opts["kv"] = tuple(sorted(dataclasses.asdict(KVConfig.parse(opts["kv"])).items()))
+        opts["kv"] = tuple(sorted(KVConfig.parse(opts["kv"]).to_dict().items()))
     tag = opts.get("tag")
     if tag is not None and (not isinstance(tag, str) or not _TAG.fullmatch(tag)):
         raise ConfigError(

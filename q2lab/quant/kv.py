@@ -21,7 +21,8 @@ inside attention): it measures quality, and its speed is what a CPU without such
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib.util
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -31,19 +32,34 @@ from q2lab.quant import uniform
 from q2lab.utils.packing import packed_nbytes
 
 KV_BITS = (2, 3, 4, 8)
+# The caches a task can decode through: q2lab's own, and transformers' ``QuantizedCache`` with its
+# two backends as peers (the same KIVI layout: keys per channel, values per token, a float
+# window), each with the bit widths it implements and the package it needs.
+KV_BACKENDS: dict[str, tuple[tuple[int, ...], str | None]] = {
+    "q2lab": (KV_BITS, None),
+    "quanto": ((2, 4), "optimum-quanto"),
+    "hqq": ((1, 2, 3, 4, 8), "hqq"),
+}
 
 
 @dataclass(frozen=True)
 class KVConfig:
-    """``kv: {bits: 2, residual: 128, group: 32}`` of a task or study."""
+    """``kv: {bits: 2, residual: 128, group: 32, backend: q2lab}`` of a task or study."""
 
     bits: int = 2
     residual: int = 128
     group: int = 32
+    backend: str = "q2lab"
 
     def __post_init__(self) -> None:
-        if isinstance(self.bits, bool) or self.bits not in KV_BITS:
-            raise ConfigError(f"kv.bits must be one of {', '.join(map(str, KV_BITS))}, got {self.bits!r}")
+        if self.backend not in KV_BACKENDS:
+            raise ConfigError(f"unknown kv.backend {self.backend!r}; known: {', '.join(KV_BACKENDS)}")
+        allowed = KV_BACKENDS[self.backend][0]
+        if isinstance(self.bits, bool) or self.bits not in allowed:
+            raise ConfigError(
+                f"kv.bits must be one of {', '.join(map(str, allowed))} with backend {self.backend}, "
+                f"got {self.bits!r}"
+            )
         for name, least, what in (("residual", 0, "a non-negative"), ("group", 1, "a positive")):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < least:
@@ -55,10 +71,25 @@ class KVConfig:
             return None
         if not isinstance(value, dict):
             raise ConfigError(f"kv must be a mapping {{bits, residual, group}} or null, got {value!r}")
-        unknown = sorted(set(value) - {"bits", "residual", "group"})
+        unknown = sorted(set(value) - {"bits", "residual", "group", "backend"})
         if unknown:
-            raise ConfigError(f"unknown kv option(s) {', '.join(unknown)}; known: bits, group, residual")
+            raise ConfigError(
+                f"unknown kv option(s) {', '.join(unknown)}; known: backend, bits, group, residual"
+            )
         return cls(**value)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options as a task key holds them: the default backend is left out, so tasks
+        written before peers existed keep their keys (and their records stay reusable)."""
+        d = asdict(self)
+        if self.backend == "q2lab":
+            del d["backend"]
+        return d
+
+    @property
+    def native(self) -> bool:
+        """q2lab's own cache, whose bytes :func:`cache_nbytes` can count (a peer's it cannot)."""
+        return self.backend == "q2lab"
 
 
 @dataclass
@@ -121,9 +152,10 @@ def dequantize_values(p: _Packed, dtype: torch.dtype) -> torch.Tensor:
 
 
 def kivi_cache(model: Any, cfg: KVConfig) -> Any:
-    """A transformers cache whose layers quantize as configured (full-attention models)."""
+    """A transformers cache whose layers quantize as configured (full-attention models): q2lab's
+    own layers, or transformers' ``QuantizedCache`` when ``cfg.backend`` names a peer."""
     try:
-        from transformers.cache_utils import Cache
+        from transformers.cache_utils import Cache, QuantizedCache
     except ImportError as e:  # pragma: no cover - transformers is a dependency
         raise ConfigError(f"KV-cache quantization needs transformers' Cache ({e})") from e
     text = _text_config(model)
@@ -132,8 +164,24 @@ def kivi_cache(model: Any, cfg: KVConfig) -> Any:
         raise ConfigError(
             f"KV-cache quantization supports full-attention models only; this one has {sorted(kinds)} layers"
         )
+    if not cfg.native:
+        _require_backend(cfg.backend)
+        return QuantizedCache(
+            backend=cfg.backend,
+            config=model.config,
+            nbits=cfg.bits,
+            residual_length=cfg.residual,
+            q_group_size=cfg.group,
+        )
     layer_cls = _layer_class()
     return Cache(layers=[layer_cls(cfg) for _ in range(text.num_hidden_layers)])
+
+
+def _require_backend(backend: str) -> None:
+    package = KV_BACKENDS[backend][1]
+    module = {"optimum-quanto": "optimum", "hqq": "hqq"}[package]
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(f"kv.backend {backend} needs the {package} package (pip install {package})")
 
 
 def _text_config(model: Any) -> Any:

@@ -200,10 +200,40 @@ def test_generation_decodes_through_the_quantized_cache(tiny, monkeypatch):
 
     monkeypatch.setattr(generation, "kivi_cache", spy)
     cfg = KVConfig(bits=2, residual=0, group=4)
-    samples = generation.generate(tiny, PROMPTS, 12, batch_size=3, kv=cfg)
+    kv_bytes: list[int] = []
+    samples = generation.generate(tiny, PROMPTS, 12, batch_size=3, kv=cfg, kv_bytes=kv_bytes)
     assert len(made) == 1 and len(samples) == len(PROMPTS)
     layer = made[0].layers[0]
     assert layer.quantized_tokens >= 4 and layer.k_blocks  # the past was stored in 2 bits
+    assert kv_bytes == [cache_nbytes(made[0])] and kv_bytes[0] > 0  # what the batch's cache held
+
+
+def test_a_peer_cache_is_a_backend_option(tiny, tiny_text_file, monkeypatch):
+    """transformers' QuantizedCache is reachable as ``kv.backend`` (how the benchmarks compare
+    against it); the default backend stays out of task keys, so older records keep theirs."""
+    from q2lab.eval.tasks import parse_task
+    from q2lab.quant import kv as kvmod
+
+    assert KVConfig.parse({"bits": 2, "backend": "hqq"}).to_dict() == {
+        "bits": 2,
+        "residual": 128,
+        "group": 32,
+        "backend": "hqq",
+    }
+    assert "backend" not in KVConfig.parse({"bits": 2, "backend": "q2lab"}).to_dict()
+    name = f"ppl:{tiny_text_file}"
+    ours = parse_task({"task": name, "kv": {"bits": 2}}, windows=2, ctx=64)
+    same = parse_task({"task": name, "kv": {"bits": 2, "backend": "q2lab"}}, windows=2, ctx=64)
+    peer = parse_task({"task": name, "kv": {"bits": 2, "backend": "quanto"}}, windows=2, ctx=64)
+    assert ours.key() == same.key() != peer.key()
+    assert (ours.label, peer.label) == (name + "@kv2", name + "@kv2-quanto")
+    with pytest.raises(ConfigError, match="unknown kv.backend 'vllm'; known: q2lab, quanto, hqq"):
+        KVConfig(backend="vllm")
+    with pytest.raises(ConfigError, match=r"kv\.bits must be one of 2, 4 with backend quanto, got 3"):
+        KVConfig(bits=3, backend="quanto")
+    monkeypatch.setattr(kvmod.importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(ConfigError, match=r"kv\.backend hqq needs the hqq package \(pip install hqq\)"):
+        kivi_cache(tiny.model, KVConfig(backend="hqq"))
 
 
 def test_gen_task_with_kv_shares_the_reference_pass(tiny, monkeypatch):
