@@ -1,6 +1,7 @@
 """GPTQ against RTN on the packaged SmolLM2-135M's own Hessians (not a synthetic one).
 
-For every block linear and 2, 3 and 4 bits (128-weight groups), GPTQ's proxy loss
+For every block linear at 2 and 3 bits (128-weight groups; 4 bits, where the two grids differ
+least, is left to the synthetic-Hessian unit tests to keep CI's budget), GPTQ's proxy loss
 tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) — the layer-output error it minimises, on the shared calibration
 store — is below RTN's, both with RTN's default min–max grid and with the same Hessian-weighted
 MSE clipping GPTQ uses, so the gain is the error feedback, not the clipping.
@@ -37,7 +38,7 @@ def _proxy(w: torch.Tensor, deq: torch.Tensor, h: torch.Tensor) -> float:
     return float(((e @ h) * e).sum() / ((w @ h) * w).sum())
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3])
 def test_gptq_proxy_loss_below_rtn_on_every_linear(smollm2, store, bits) -> None:
     candidates = {
         "gptq": make_config("gptq", {"bits": bits, "group_size": 128}),

@@ -15,6 +15,10 @@ from q2lab.quant.model import quantize_model
 pytestmark = pytest.mark.integration
 
 EVAL_WINDOWS = 4
+# the 2-bit pair quantizes the first eight blocks only (the rest stay float): the KLD ordering is
+# as clear there, and every block's 2-bit GPTQ is already checked layer by layer against RTN in
+# tests/integration/test_gptq_real_hessians.py
+SKIP_2BIT = [r"layers\.([89]|[1-9][0-9])\."]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +42,9 @@ def test_gptq_beats_rtn_on_shared_hessians(smollm2, store, tmp_path):
         for bits in (2, 3):
             cand = load_model("smollm2-135m")
             cfg = make_config(method, {"bits": bits, "group_size": 128})
-            report = quantize_model(cand.model, method, cfg, store if method == "gptq" else None)
+            skip = SKIP_2BIT if bits == 2 else None
+            report = quantize_model(cand.model, method, cfg, store if method == "gptq" else None, skip=skip)
+            assert len(report.layers) == (8 if bits == 2 else 30) * 7
             perm_bits = 10 / 576 if method == "gptq" else 0  # act-order permutation, ⌈log2 576⌉ bits/column
             assert report.bpw == pytest.approx(bits + (16 + bits) * 5 / 576 + perm_bits, rel=0.01)
             got[(method, bits)] = evaluate(cand)
