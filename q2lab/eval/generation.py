@@ -187,9 +187,23 @@ class PromptSet:
         """The first ``n`` prompts (all when ``n`` is None); a cut set hashes its own prompts."""
         if n is None or n >= len(self.prompts):
             return self
+        return self._take(range(n))
+
+    def sample(self, n: int | None, seed: int = 0) -> PromptSet:
+        """A seeded random ``n`` of the prompts, in their order (all when ``n`` is None or not
+        smaller): a suite is ordered by source, so a head cut is one use in one language while a
+        sample spreads over all of them — what a large model's cells can afford."""
+        if n is None or n >= len(self.prompts):
+            return self
+        picks = np.random.default_rng(seed).choice(len(self.prompts), size=n, replace=False)
+        return self._take(sorted(int(i) for i in picks))
+
+    def _take(self, indices: Sequence[int]) -> PromptSet:
+        prompts = tuple(self.prompts[i] for i in indices)
         if self.suite is None:
-            return PromptSet.from_prompts(self.name, self.prompts[:n])
-        return dataclasses.replace(PromptSet.from_suite(self.name, self.suite[:n]), prompts=self.prompts[:n])
+            return PromptSet.from_prompts(self.name, prompts)
+        suite = [self.suite[i] for i in indices]
+        return dataclasses.replace(PromptSet.from_suite(self.name, suite), prompts=prompts)
 
 
 def load_suite(name: str, seed: int = 0) -> PromptSet:

@@ -37,6 +37,27 @@ def test_the_suite_is_a_prompt_set_with_turns_lengths_and_metadata(suite) -> Non
     assert suite.sha256 == build_chat_suite(0).sha256
 
 
+def test_a_seeded_sample_spreads_over_every_use_and_language(suite) -> None:
+    """``sample: N`` on a gen task: N prompts drawn with the task's seed, kept in suite order, so
+    a large model's cell covers what the whole suite covers (a head cut is MT-Bench only)."""
+    from q2lab.data.tasks.chat_suite import build_chat_suite, suite_sha256
+    from q2lab.eval.kinds.gen import _selected
+    from q2lab.eval.tasks import parse_task
+
+    s = suite.sample(60, seed=0)
+    all_ids = [m["id"] for m in suite.meta]
+    ids = [m["id"] for m in s.meta]
+    assert len(ids) == len(set(ids)) == 60 and ids == sorted(ids, key=all_ids.index)
+    assert {m["lang"] for m in s.meta} == {"en", "pl"}
+    assert {m["use"] for m in s.meta} == {m["use"] for m in suite.meta}
+    assert {m["use"] for m in suite.head(60).meta} == {"dialogue"}
+    assert s.sha256 == suite_sha256([p for p in build_chat_suite(0).prompts if p.id in set(ids)])
+    assert suite.sample(60, seed=0).sha256 == s.sha256 != suite.sample(60, seed=1).sha256
+    assert suite.sample(None) is suite and suite.sample(10**6) is suite
+    task = parse_task({"task": "gen:chat_suite", "sample": 60})
+    assert _selected(task).sha256 == s.sha256 and task.key() != parse_task("gen:chat_suite").key()
+
+
 def test_plain_frame_and_chat_template(tiny) -> None:
     turns = (("user", "Hi?"), ("assistant", "Hello."), ("user", "And now?"))
     text, how = gen.render_conversation(tiny, turns)  # the tiny tokenizer has no template

@@ -28,6 +28,7 @@ _REFERENCE = "reference"  # names the reference's resume file, whichever cell ge
 class GenerationKind(TaskKind):
     name = "gen"
     summary = "generation: collapse rate, repetition, language drift; tf_kld / fr_kld / agree_tokens"
+    samples_items = True  # ``sample: N``: a seeded random N of the prompts (after ``limit``)
 
     def prepare_options(self, opts: dict[str, Any], data: str) -> None:
         """A chat suite sets each prompt's length (long-form 256, else 128) unless the task
@@ -46,9 +47,8 @@ class GenerationKind(TaskKind):
     def language(self, task: TaskSpec) -> str | None:
         """The languages of the prompts (each detected; ``"en+pl"`` for a bilingual set)."""
         from q2lab.data.language import detect_language, join_languages
-        from q2lab.eval.generation import load_prompts
 
-        prompts = load_prompts(GEN_ALIASES.get(task.data, task.data)).head(task.limit).prompts
+        prompts = _selected(task).prompts
         found = {detect_language(p) for p in prompts} - {None}
         return join_languages(sorted(found)) if found else None
 
@@ -94,15 +94,22 @@ class GenerationKind(TaskKind):
         return records
 
 
+def _selected(task: TaskSpec):
+    """The task's prompts: the first ``limit``, then a seeded random ``sample`` of those."""
+    from q2lab.eval.generation import load_prompts
+
+    return load_prompts(GEN_ALIASES.get(task.data, task.data)).head(task.limit).sample(task.sample, task.seed)
+
+
 def _prompts(candidate: LoadedModel, task: TaskSpec):
-    """The prompt set, cut to ``limit`` and rendered: a suite's conversations through the chat
+    """The prompt set, cut to ``limit`` and ``sample`` and rendered: a suite's conversations through the chat
     template when the model has one (``chat: false`` or a base model: the plain user/assistant
     frame), a plain prompt set through the template only with ``chat: true``."""
     import dataclasses
 
-    from q2lab.eval.generation import PromptSet, chat_prompt, load_prompts, render_conversation
+    from q2lab.eval.generation import PromptSet, chat_prompt, render_conversation
 
-    prompts = load_prompts(GEN_ALIASES.get(task.data, task.data)).head(task.limit)
+    prompts = _selected(task)
     if prompts.turns is not None:
         rendered = [render_conversation(candidate, turns, task.chat) for turns in prompts.turns]
         return dataclasses.replace(prompts, prompts=tuple(t for t, _ in rendered), rendering=rendered[0][1])
