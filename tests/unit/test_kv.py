@@ -227,7 +227,7 @@ def test_a_peer_cache_is_a_backend_option(tiny, tiny_text_file, monkeypatch):
     peer = parse_task({"task": name, "kv": {"bits": 2, "backend": "quanto"}}, windows=2, ctx=64)
     assert ours.key() == same.key() != peer.key()
     assert (ours.label, peer.label) == (name + "@kv2", name + "@kv2-quanto")
-    with pytest.raises(ConfigError, match="unknown kv.backend 'vllm'; known: q2lab, quanto, hqq"):
+    with pytest.raises(ConfigError, match=r"unknown kv\.backend 'vllm'; known: q2lab, quanto, hqq"):
         KVConfig(backend="vllm")
     with pytest.raises(ConfigError, match=r"kv\.bits must be one of 2, 4 with backend quanto, got 3"):
         KVConfig(bits=3, backend="quanto")
