@@ -974,10 +974,8 @@ class CollapseThresholds:
             raise ConfigError(f"collapse margin must be ≥ 0, got {margin}")
         if not 0 <= ignore < 0.5:
             raise ConfigError(f"the ignored share of reference samples must be in [0, 0.5), got {ignore}")
-        nll = list(ref_nll) if ref_nll is not None else [None] * len(ref_samples)
-        if len(nll) != len(ref_samples):
-            raise ShapeError(f"{len(nll)} reference NLLs for {len(ref_samples)} reference samples")
-        metrics = _metrics(ref_samples, nll, langs)
+        nll, lg = _per_sample(ref_samples, ref_nll, langs)
+        metrics = _metrics(ref_samples, nll, lg)
         values = {k: v for k, v in _calibration_values(metrics, ignore).items() if v is not None}
         fields: dict[str, Any] = {k: THRESHOLD_BOUNDS[k].calibrate(v, margin) for k, v in values.items()}
         for k in ("max_loop", "min_new_tokens"):
@@ -993,13 +991,27 @@ class CollapseThresholds:
         return out
 
 
+def _per_sample(
+    samples: Sequence[GenSample],
+    nll: Sequence[float | None] | None,
+    langs: Sequence[str | None] | None,
+) -> tuple[list[float | None], list[str | None]]:
+    """The reference NLLs and prompt languages as one list each, aligned with ``samples`` (None
+    where not given): the calibration helpers all take them optional and index them together."""
+    n = len(samples)
+    nll_list = list(nll) if nll is not None else [None] * n
+    lang_list = list(langs) if langs is not None else [None] * n
+    if len(nll_list) != n or len(lang_list) != n:
+        raise ShapeError(
+            f"{len(nll_list)} reference NLLs and {len(lang_list)} prompt languages for {n} reference samples"
+        )
+    return nll_list, lang_list
+
+
 def _metrics(
-    samples: Sequence[GenSample], nll: Sequence[float | None], langs: Sequence[str | None] | None
+    samples: Sequence[GenSample], nll: Sequence[float | None], langs: Sequence[str | None]
 ) -> list[GenMetrics]:
-    langs = list(langs) if langs is not None else [None] * len(samples)
-    if len(langs) != len(samples):
-        raise ShapeError(f"{len(langs)} prompt languages for {len(samples)} samples")
-    return [sample_metrics(s, v, g) for s, v, g in zip(samples, nll, langs)]
+    return [sample_metrics(s, v, g) for s, v, g in zip(samples, nll, langs, strict=True)]
 
 
 def _left_out(n: int, ignore: float) -> int:
@@ -1055,10 +1067,7 @@ def calibrate_thresholds(
     """One :class:`CollapseThresholds` per generation length (``max_new_tokens``): zlib ratio,
     entropy and loop length all grow with the length of the text, so a 256-token essay and a
     128-token reply are judged against the reference's samples of their own length."""
-    nll = list(ref_nll) if ref_nll is not None else [None] * len(ref_samples)
-    lg = list(langs) if langs is not None else [None] * len(ref_samples)
-    if len(nll) != len(ref_samples) or len(lg) != len(ref_samples):
-        raise ShapeError(f"{len(nll)} NLLs and {len(lg)} languages for {len(ref_samples)} reference samples")
+    nll, lg = _per_sample(ref_samples, ref_nll, langs)
     out = {}
     for n in sorted({s.max_new_tokens for s in ref_samples}):
         idx = [i for i, s in enumerate(ref_samples) if s.max_new_tokens == n]
@@ -1090,8 +1099,7 @@ def heldout_flags(
     """
     if folds < 2:
         raise ConfigError(f"held-out calibration needs ≥ 2 folds, got {folds}")
-    nll = list(ref_nll) if ref_nll is not None else [None] * len(ref_samples)
-    lg = list(langs) if langs is not None else [None] * len(ref_samples)
+    nll, lg = _per_sample(ref_samples, ref_nll, langs)
     metrics = _metrics(ref_samples, nll, lg)
     fold = [0] * len(ref_samples)
     for n in {s.max_new_tokens for s in ref_samples}:
@@ -1230,12 +1238,10 @@ def collapse_records(
     if not cand_samples:
         raise ConfigError("no generated samples to judge")
     judges = [thresholds_for(thresholds, s) for s in cand_samples]
-    nll = list(ref_nll) if ref_nll is not None else [None] * len(cand_samples)
-    if len(nll) != len(cand_samples):
-        raise ShapeError(f"{len(nll)} reference NLLs for {len(cand_samples)} samples")
     if prompt_set is not None and prompt_set.prompts != tuple(s.prompt for s in cand_samples):
         raise ConfigError(f"the samples were not generated from prompt set {prompt_set.describe()}")
-    metrics = _metrics(cand_samples, nll, prompt_langs(prompt_set))
+    nll, langs = _per_sample(cand_samples, ref_nll, prompt_langs(prompt_set))
+    metrics = _metrics(cand_samples, nll, langs)
     verdicts = [is_collapsed(m, t) for m, t in zip(metrics, judges)]
     details = _details(cand_samples, thresholds, verdicts, prompt_set)
     ids = ids_sha256([s.prompt for s in cand_samples])
