@@ -123,7 +123,9 @@ def test_samples_resume_from_the_workdir_and_are_shared_across_evaluators(
     first = Evaluator(tiny, workdir=tmp_path, candidate_key="cell-a").run(cand, [task])
     files = sorted(p.name for p in (tmp_path / "partial").glob("gen-*.jsonl"))
     assert len(files) == 2  # the reference's and the candidate's
+    assert len(list((tmp_path / "partial").glob("refnll-*.jsonl"))) == 1  # its NLL of its own samples
     monkeypatch.setattr(gen, "_generate_batch", lambda *a, **k: pytest.fail("samples should be reused"))
+    monkeypatch.setattr(gen, "reference_nll", lambda *a, **k: pytest.fail("the NLL should be reused"))
     again = Evaluator(tiny, workdir=tmp_path, candidate_key="cell-a").run(cand, [task])
     assert [(r.metric, r.value) for r in again] == [(r.metric, r.value) for r in first]
     monkeypatch.undo()

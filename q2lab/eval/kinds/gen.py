@@ -201,7 +201,7 @@ def _thresholds(evaluator: Evaluator, task: TaskSpec, prompts, own_samples: Any)
     """Collapse thresholds of (task, prompts), one set per generation length, calibrated once
     per evaluator on the reference's generations (``own_samples`` when the candidate is the
     reference); defaults without a reference."""
-    from q2lab.eval.generation import CollapseThresholds, calibrate_thresholds, prompt_langs, reference_nll
+    from q2lab.eval.generation import CollapseThresholds, calibrate_thresholds, prompt_langs
 
     key = _key(task, prompts)
     cache = evaluator.cache(_THRESHOLDS)
@@ -213,6 +213,25 @@ def _thresholds(evaluator: Evaluator, task: TaskSpec, prompts, own_samples: Any)
             resume = evaluator.resume_file(reference, _float_cache(task), "gen", who=_REFERENCE)
             ref_samples = own_samples or _generate(reference, prompts, task, resume)
             evaluator.cache(_REF_SAMPLES)[key] = ref_samples
-            nll = evaluator.cache(_REF_NLL)[key] = reference_nll(reference, ref_samples)
+            nll = evaluator.cache(_REF_NLL)[key] = _own_nll(evaluator, task, reference, ref_samples)
             cache[key] = calibrate_thresholds(ref_samples, ref_nll=nll, langs=prompt_langs(prompts))
     return cache[key]
+
+
+def _own_nll(evaluator: Evaluator, task: TaskSpec, reference: LoadedModel, samples: list) -> list[float]:
+    """The reference's NLL of its own samples, kept beside them in the study's workdir: every
+    process that judges a cell calibrates its thresholds with it, and scoring the whole suite
+    again costs minutes (one forward pass over each prompt + answer)."""
+    from q2lab.eval.generation import reference_nll
+    from q2lab.utils.io import sha256_json
+    from q2lab.utils.resume import append_resume, read_resume
+
+    resume = evaluator.resume_file(reference, _float_cache(task), "refnll", who=_REFERENCE)
+    settings = {"samples": sha256_json([[s.prompt, list(s.token_ids)] for s in samples])}
+    done = read_resume(resume, settings)
+    if len(done) == len(samples):
+        return [float(done[str(i)]["nll"]) for i in range(len(samples))]
+    nll = reference_nll(reference, samples)
+    if resume is not None:
+        append_resume(resume, settings, {i: {"nll": v} for i, v in enumerate(nll)})
+    return nll
