@@ -79,19 +79,22 @@ class _Linear:
     r1_in: bool
     r1_out: bool
     r2_in: bool  # o_proj: per-head R2 on its input
-    r2_out: bool  # v_proj: per-head R2 on its output
+    r2_out: bool  # v_proj: per-head R2 on its output (rows from ``r2_first`` on)
     block: int
+    r2_first: int = 0  # first value row of a fused qkv_proj (Phi-3); 0 for v_proj
 
 
 def _linears(model: nn.Module, plan: rotate.NormPlan) -> list[_Linear]:
     layout = find_decoder(model)
     out = []
     for b, block in enumerate(layout.layers):
+        roles = plan.roles(block)
         gammas = {}
-        for norm, readers in ((plan.attn_in, plan.attn_readers), (plan.mlp_in, plan.mlp_readers)):
+        for norm, readers in roles.readers:
             g = block.get_submodule(norm).weight.detach().float() + plan.offset
             gammas.update(dict.fromkeys(readers, g))
-        writers = {plan.attn_writer: plan.attn_out is None, plan.mlp_writer: plan.mlp_out is None}
+        writers = {name: post is None for name, post in roles.writers}
+        first = rotate.value_heads(model, block, roles.value)[2]
         for name, lin in layout.block_linears(b).items():
             out.append(
                 _Linear(
@@ -100,16 +103,19 @@ def _linears(model: nn.Module, plan: rotate.NormPlan) -> list[_Linear]:
                     gammas.get(name),
                     name in gammas,
                     writers.get(name, False),
-                    name == plan.attn_writer,
-                    name == plan.value,
+                    name == roles.attn_writer,
+                    name == roles.value,
                     b,
+                    first if name == roles.value else 0,
                 )
             )
     return out
 
 
-def _blockdiag(r2: torch.Tensor, width: int) -> torch.Tensor:
-    return torch.block_diag(*[r2] * (width // r2.shape[0]))
+def _blockdiag(r2: torch.Tensor, width: int, first: int = 0) -> torch.Tensor:
+    """R2 once per head over ``width`` rows/columns, the first ``first`` left alone (identity)."""
+    heads = [r2] * ((width - first) // r2.shape[0])
+    return torch.block_diag(torch.eye(first, dtype=r2.dtype), *heads) if first else torch.block_diag(*heads)
 
 
 def _effective(lin: _Linear, r1: torch.Tensor, r2: torch.Tensor | None, cfg: SpinQuantConfig) -> torch.Tensor:
@@ -123,7 +129,7 @@ def _effective(lin: _Linear, r1: torch.Tensor, r2: torch.Tensor | None, cfg: Spi
         w = r1.T @ w
     b2 = None
     if r2 is not None and (lin.r2_in or lin.r2_out):
-        b2 = _blockdiag(r2, w.shape[1] if lin.r2_in else w.shape[0])
+        b2 = _blockdiag(r2, w.shape[1]) if lin.r2_in else _blockdiag(r2, w.shape[0], lin.r2_first)
         w = w @ b2 if lin.r2_in else b2.T @ w
     w = uniform.fake_quant(w, cfg.bits, cfg.group_size, cfg.symmetric)
     if b2 is not None:

@@ -5,7 +5,9 @@ that reads or writes the stream sees incoherent weights and quantizes better —
 model computes exactly the same function, because RMSNorm commutes with orthogonal maps:
 ``rms(h R) = rms(h)``.  Row-vector convention throughout: the rotated stream is ``h' = h R1``.
 
-What changes, for a block of a pre-norm decoder (Llama, Mistral, Qwen2/3, Gemma 1):
+What changes, for a block of a pre-norm decoder (Llama, Mistral, Qwen2/3, Gemma 1; Phi-3's fused
+projections and a mixture of experts' router and experts are readers and writers like any
+other, see :class:`NormPlan`):
 
 * **Norm fusion.**  A norm ``n(h) = n0(h)·diag(γ)`` feeding linears W (q/k/v, gate/up) becomes
   the weightless ``n0`` and ``W ← W·diag(γ)``; the final norm's γ goes into ``lm_head``.  Gemma
@@ -34,6 +36,7 @@ Hessian is ``Aᵀ H A`` from the shared store (:class:`q2lab.calib.derived.Deriv
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from dataclasses import dataclass, field
 
@@ -47,7 +50,13 @@ from q2lab.transforms.hadamard import factor, hadamard_matrix, random_signs
 
 @dataclass(frozen=True)
 class NormPlan:
-    """Where the norms of one block architecture sit and which linears they feed."""
+    """Where the norms of one block architecture sit and which modules they feed.
+
+    Readers and writers are module names inside a block, or ``fnmatch`` patterns (``*`` for an
+    expert's index) that must each match at least one module with a 2-D ``weight``: a mixture
+    of experts rotates its router and every expert's gate/up on the input side and every
+    expert's down on the output side.  The value heads are the last ``kv_heads · head_dim``
+    output rows of ``value`` (all of ``v_proj``; the tail of Phi-3's fused ``qkv_proj``)."""
 
     attn_in: str
     mlp_in: str
@@ -57,8 +66,43 @@ class NormPlan:
     attn_readers: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
     mlp_readers: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")
     attn_writer: str = "self_attn.o_proj"
-    mlp_writer: str = "mlp.down_proj"
+    mlp_writers: tuple[str, ...] = ("mlp.down_proj",)
     value: str = "self_attn.v_proj"
+
+    def roles(self, block: nn.Module) -> BlockRoles:
+        """The plan resolved on one block: concrete module names, patterns expanded."""
+        names = [n for n, m in block.named_modules() if _weight_2d(m) is not None]
+
+        def resolve(patterns: tuple[str, ...]) -> tuple[str, ...]:
+            out = []
+            for pat in patterns:
+                found = [n for n in names if fnmatch.fnmatchcase(n, pat)]
+                if not found:
+                    raise ModelError(f"rotations expect a module {pat!r} in each decoder block; none found")
+                out += found
+            return tuple(out)
+
+        return BlockRoles(
+            readers=((self.attn_in, resolve(self.attn_readers)), (self.mlp_in, resolve(self.mlp_readers))),
+            writers=(
+                (resolve((self.attn_writer,))[0], self.attn_out),
+                *((w, self.mlp_out) for w in resolve(self.mlp_writers)),
+            ),
+            attn_writer=self.attn_writer,
+            value=self.value,
+        )
+
+
+@dataclass(frozen=True)
+class BlockRoles:
+    """A :class:`NormPlan` on one block: each pre-norm with the modules reading it, each writer
+    to the residual stream with its sandwich post-norm (None: pre-norm block), o_proj, and the
+    module holding the value heads."""
+
+    readers: tuple[tuple[str, tuple[str, ...]], ...]
+    writers: tuple[tuple[str, str | None], ...]
+    attn_writer: str
+    value: str
 
 
 _PRE = NormPlan("input_layernorm", "post_attention_layernorm", None, None, 0.0)
@@ -70,16 +114,47 @@ _SANDWICH = NormPlan(
     "post_feedforward_layernorm",
     1.0,
 )
+# Phi-3: one fused q/k/v projection and one fused gate/up projection read the two norms.
+_PHI3 = NormPlan(
+    "input_layernorm",
+    "post_attention_layernorm",
+    None,
+    None,
+    0.0,
+    attn_readers=("self_attn.qkv_proj",),
+    mlp_readers=("mlp.gate_up_proj",),
+    value="self_attn.qkv_proj",
+)
+# Mixtures of experts (fused experts split per expert by q2lab.models.arch.prepare_model): the
+# router reads the normed stream too, so it is rotated with the experts (and stays in float).
+_MOE = NormPlan(
+    "input_layernorm",
+    "post_attention_layernorm",
+    None,
+    None,
+    0.0,
+    mlp_readers=("mlp.gate", "mlp.experts.*.gate_proj", "mlp.experts.*.up_proj"),
+    mlp_writers=("mlp.experts.*.down_proj",),
+)
 PLANS: dict[str, NormPlan] = {
     "llama": _PRE,
     "mistral": _PRE,
     "qwen2": _PRE,
     "qwen3": _PRE,
+    "phi3": _PHI3,
+    "mixtral": _MOE,
+    "qwen3_moe": _MOE,
     "gemma": _GEMMA,
     "gemma2": _SANDWICH,
     "gemma3_text": _SANDWICH,
     "gemma3": _SANDWICH,
 }
+
+
+def _weight_2d(module: nn.Module) -> torch.Tensor | None:
+    """The module's 2-D ``weight`` (an ``nn.Linear``'s, or a router's), else None."""
+    w = getattr(module, "weight", None)
+    return w if isinstance(w, torch.Tensor) and w.ndim == 2 else None
 
 
 class DenseNorm(nn.Module):
@@ -134,7 +209,8 @@ def plan_for(model: nn.Module) -> NormPlan:
     if model_type not in PLANS:
         raise ModelError(
             f"rotations cannot fuse the norms of model type {model_type!r}: supported are "
-            f"{', '.join(sorted(PLANS))} (pre-norm RMSNorm decoders, and Gemma's sandwich norms)"
+            f"{', '.join(sorted(PLANS))} (pre-norm RMSNorm decoders, Phi-3's fused projections, "
+            "Mixtral / Qwen3-MoE experts, and Gemma's sandwich norms)"
         )
     return PLANS[model_type]
 
@@ -210,7 +286,7 @@ def _reset(norm: nn.Module, offset: float) -> None:
 def _set(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
     with torch.no_grad():
         linear.weight.copy_(weight.to(linear.weight.dtype))
-        if bias is not None and linear.bias is not None:
+        if bias is not None and getattr(linear, "bias", None) is not None:
             linear.bias.copy_(bias.to(linear.bias.dtype))
 
 
@@ -225,11 +301,20 @@ def _untie(model: nn.Module) -> bool:
     return True
 
 
-def _head_dim(attn: nn.Module, v: nn.Linear) -> tuple[int, int]:
+def value_heads(model: nn.Module, block: nn.Module, value: str) -> tuple[int, int, int]:
+    """(head_dim, KV heads, first row of the value heads in ``value``'s output): the value heads
+    are its last ``kv_heads · head_dim`` rows (all of a v_proj, the tail of a fused qkv_proj)."""
+    attn = block.get_submodule(value.rsplit(".", 1)[0])
+    v = block.get_submodule(value)
     hd = getattr(attn, "head_dim", None)
-    if not isinstance(hd, int) or v.out_features % hd:
-        raise ModelError(f"cannot rotate value heads: head_dim {hd!r} does not divide {v.out_features}")
-    return hd, v.out_features // hd
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    kv_heads = getattr(text, "num_key_value_heads", None) or getattr(text, "num_attention_heads", None)
+    if not isinstance(hd, int) or not isinstance(kv_heads, int) or kv_heads * hd > v.out_features:
+        raise ModelError(
+            f"cannot rotate value heads: head_dim {hd!r} × {kv_heads!r} KV heads does not fit {value}'s "
+            f"{v.out_features} outputs"
+        )
+    return hd, kv_heads, v.out_features - kv_heads * hd
 
 
 @torch.no_grad()
@@ -253,7 +338,7 @@ def rotate_model(
     _set(head, head.weight.double() * _gamma(final, plan.offset)[None, :] @ r1)
     _reset(final, plan.offset)
     for b, block in enumerate(layout.layers):
-        _rotate_block(block, plan, r1, r2s[b], out, lambda n, b=b: layout.full_name(b, n))
+        _rotate_block(model, block, plan, r1, r2s[b], out, lambda n, b=b: layout.full_name(b, n))
     return out
 
 
@@ -273,8 +358,9 @@ def _final_norm(model: nn.Module, layout) -> nn.Module:
     return norm
 
 
-def _rotate_block(block, plan: NormPlan, r1, r2, out: Rotated, full) -> None:
-    for norm_name, readers in ((plan.attn_in, plan.attn_readers), (plan.mlp_in, plan.mlp_readers)):
+def _rotate_block(model, block, plan: NormPlan, r1, r2, out: Rotated, full) -> None:
+    roles = plan.roles(block)
+    for norm_name, readers in roles.readers:
         norm = block.get_submodule(norm_name)
         gamma = _gamma(norm, plan.offset)
         dead = gamma == 0  # a channel the norm zeroes: invisible to the store, not to R1's mix
@@ -289,33 +375,38 @@ def _rotate_block(block, plan: NormPlan, r1, r2, out: Rotated, full) -> None:
             _set(lin, lin.weight.double() * gamma[None, :] @ r1)
             out.input_maps[full(name)] = found
         _reset(norm, plan.offset)
-    for writer, post in ((plan.attn_writer, plan.attn_out), (plan.mlp_writer, plan.mlp_out)):
+    for writer, post in roles.writers:
         lin = block.get_submodule(writer)
         if post is None:  # pre-norm block: the writer's output joins the rotated stream
-            bias = None if lin.bias is None else lin.bias.double() @ r1
+            bias = None if getattr(lin, "bias", None) is None else lin.bias.double() @ r1
             _set(lin, r1.T @ lin.weight.double(), bias)
-        else:  # sandwich norm: rotate after normalizing
+        elif full(post) not in out.dense_norms:  # sandwich norm: rotate after normalizing
             norm = block.get_submodule(post)
             matrix = _gamma(norm, plan.offset)[:, None] * r1
             dense = DenseNorm(matrix, float(getattr(norm, "eps", 1e-6)), norm.weight.dtype)
             block.set_submodule(post, dense)
             out.dense_norms.append(full(post))
     if r2 is not None:
-        _rotate_heads(block, plan, r2, out, full)
+        _rotate_heads(model, block, roles, r2, out, full)
 
 
-def _rotate_heads(block, plan: NormPlan, r2: torch.Tensor, out: Rotated, full) -> None:
-    v = block.get_submodule(plan.value)
-    o = block.get_submodule(plan.attn_writer)
-    hd, kv_heads = _head_dim(block.get_submodule(plan.value.rsplit(".", 1)[0]), v)
+def _rotate_heads(model, block, roles: BlockRoles, r2: torch.Tensor, out: Rotated, full) -> None:
+    hd, kv_heads, first = value_heads(model, block, roles.value)
+    v = block.get_submodule(roles.value)
+    o = block.get_submodule(roles.attn_writer)
     r2 = _check_orthogonal(r2, hd, "R2")
-    wv = v.weight.double().reshape(kv_heads, hd, -1)
-    bias = None if v.bias is None else (v.bias.double().reshape(kv_heads, hd) @ r2).reshape(-1)
-    _set(v, torch.einsum("ji,hjk->hik", r2, wv).reshape(v.weight.shape), bias)
+    w = v.weight.double().clone()
+    wv = w[first:].reshape(kv_heads, hd, -1)
+    w[first:] = torch.einsum("ji,hjk->hik", r2, wv).reshape(kv_heads * hd, -1)
+    bias = None
+    if v.bias is not None:
+        bias = v.bias.double().clone()
+        bias[first:] = (bias[first:].reshape(kv_heads, hd) @ r2).reshape(-1)
+    _set(v, w, bias)
     heads = o.in_features // hd
     blockdiag = torch.block_diag(*[r2] * heads)
     _set(o, o.weight.double() @ blockdiag)
-    out.input_maps[full(plan.attn_writer)] = (blockdiag, None)
+    out.input_maps[full(roles.attn_writer)] = (blockdiag, None)
 
 
 def cayley_step(

@@ -46,14 +46,10 @@ LINEARS = {
     "qwen3_moe": ATTN | EXPERTS,
 }
 # (method, arch) → the one-line error that stops it there (checked, so support arriving shows up):
-# rotations fuse RMS norms into named readers (no plan for fused Phi-3 projections or for MoE
-# routers); llama.cpp's file types need a GGUF architecture (not exported for MoE models).
+# llama.cpp's file types need a GGUF architecture (not exported for MoE models).  The rotations
+# (QuaRot, SpinQuant) run on every architecture here: Phi-3's fused projections and the MoE
+# routers and experts have their own norm plans.
 UNSUPPORTED: dict[tuple[str, str], tuple[type[Exception], str]] = {
-    **{
-        (m, a): (ModelError, f"rotations cannot fuse the norms of model type '{a}'")
-        for m in ("quarot", "spinquant")
-        for a in ("phi3", "mixtral", "qwen3_moe")
-    },
     **{("llamacpp", a): (ConfigError, f"this one is '{a}'") for a in ("mixtral", "qwen3_moe")},
 }
 

@@ -22,7 +22,11 @@ ARCHS = [
     ("llama", {"tie_word_embeddings": True}),
     ("qwen2", {}),  # q/k/v biases
     ("gemma3", {"tie_word_embeddings": True}),  # (1 + w) norms, sandwich norms, q/k norms
+    ("phi3", {"pad_token_id": 1}),  # fused qkv_proj (R2 on its value rows) and gate_up_proj
+    ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}),  # router + experts
+    ("qwen3_moe", {"num_experts": 4, "num_experts_per_tok": 2, "head_dim": 16, "moe_intermediate_size": 48}),
 ]
+FIRST_READER = {"phi3": "self_attn.qkv_proj"}
 
 
 def _ids(seed: int = 0, n: int = 2, ctx: int = 24) -> torch.Tensor:
@@ -53,7 +57,7 @@ def test_rotated_float_model_gives_the_same_logits(arch, over, kind):
     d = lm.model.config.hidden_size
     hd = lm.model.config.get_text_config().head_dim if arch == "gemma3" else 16
     make = rotate.random_hadamard if kind == "hadamard" else rotate.random_orthogonal
-    q = find_decoder(lm.model).block_linears(0)["self_attn.q_proj"]
+    q = find_decoder(lm.model).block_linears(0)[FIRST_READER.get(arch, "self_attn.q_proj")]
     q_before = q.weight.detach().clone()
     done = rotate.rotate_model(lm.model, make(d, 1), make(hd, 2))
     after = _logits(lm.model, ids)
@@ -65,6 +69,9 @@ def test_rotated_float_model_gives_the_same_logits(arch, over, kind):
         assert lm.model.get_output_embeddings().weight is not lm.model.get_input_embeddings().weight
     if arch == "gemma3":
         assert len(done.dense_norms) == 2 * lm.model.config.num_hidden_layers
+    if arch in ("mixtral", "qwen3_moe"):  # every expert's gate/up read the rotated stream
+        experts = {n for n in done.input_maps if ".experts." in n}
+        assert len(experts) == 2 * 4 * lm.model.config.num_hidden_layers
 
 
 def _hessians(model, ids) -> dict[str, Hessian]:
@@ -90,9 +97,10 @@ class _Store:
         return self._h[name]
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "phi3", "mixtral"])
 def test_derived_hessian_equals_the_one_captured_on_the_rotated_model(arch):
-    lm = make_tiny_model(arch, seed=7)
+    over = dict(next(o for a, o in ARCHS if a == arch)) if arch in ("phi3", "mixtral") else {}
+    lm = make_tiny_model(arch, seed=7, **over)
     _perturb_norms(lm.model)
     ids = _ids(3, n=3, ctx=32)
     original = _hessians(lm.model, ids)
@@ -100,14 +108,12 @@ def test_derived_hessian_equals_the_one_captured_on_the_rotated_model(arch):
     done = rotate.rotate_model(lm.model, rotate.random_orthogonal(d, 4), rotate.random_orthogonal(16, 5))
     captured = _hessians(lm.model, ids)
     derived = DerivedHessians(_Store(original), done.input_maps)
-    assert {n.rsplit(".", 1)[-1] for n in done.input_maps} == {
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "gate_proj",
-        "up_proj",
-        "o_proj",
-    }
+    expected = {
+        "phi3": {"qkv_proj", "gate_up_proj", "o_proj"},
+        "mixtral": {"q_proj", "k_proj", "v_proj", "gate", "gate_proj", "up_proj", "o_proj"},
+    }.get(arch, {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "o_proj"})
+    assert {n.rsplit(".", 1)[-1] for n in done.input_maps} == expected
+    assert captured  # per expert in a mixture: each expert's own tokens
     for name, h in captured.items():
         want = h.xtx
         got = derived.hessian(name).xtx
@@ -135,11 +141,20 @@ def test_a_width_with_no_hadamard_is_one_clear_error():
 
 
 def test_an_architecture_whose_norms_cannot_be_fused_is_one_clear_error():
-    lm = make_tiny_model("phi3", pad_token_id=1)
+    lm = make_tiny_model("gpt_neox")  # LayerNorm with a bias: no diagonal scale to fuse
     with pytest.raises(
-        ModelError, match="rotations cannot fuse the norms of model type 'phi3': supported are"
+        ModelError, match=r"rotations cannot fuse the norms of model type 'gpt_neox': supported are .*phi3"
     ):
         rotate.rotate_model(lm.model, torch.eye(64), None)
+
+
+def test_a_plan_whose_module_is_missing_is_one_clear_error():
+    lm = make_tiny_model("llama")
+    plan = rotate.NormPlan(
+        "input_layernorm", "post_attention_layernorm", None, None, 0.0, mlp_readers=("mlp.w1",)
+    )
+    with pytest.raises(ModelError, match=r"rotations expect a module 'mlp\.w1' in each decoder block"):
+        plan.roles(find_decoder(lm.model).layers[0])
 
 
 def test_rotations_must_be_orthogonal_and_sized():
