@@ -1,5 +1,5 @@
-"""GGUF export: Llama, Mistral, Gemma-3, Qwen2, Qwen3 and Phi-3 models to a float (F32/F16) or
-llama.cpp-quantized GGUF.
+"""GGUF export: Llama, Mistral, Gemma-3, Qwen2, Qwen3, Phi-3 and the Mixtral / Qwen3-MoE mixtures
+of experts to a float (F32/F16) or llama.cpp-quantized GGUF.
 
 The file is what llama.cpp's own converter and quantizer would write: tensors named and ordered
 as ``llama_model_quantize`` writes them (non-block tensors, then block by block), Q/K rows in
@@ -26,6 +26,7 @@ import torch
 from q2lab.errors import ConfigError, CorruptFileError, ModelError
 from q2lab.quant.ggml.archs import (
     arch_spec,
+    expert_slice,
     from_gguf_layout,
     gguf_name,
     gguf_order,
@@ -62,7 +63,12 @@ def gguf_tensors(model: torch.nn.Module) -> list[GGUFTensor]:
     out: dict[str, GGUFTensor] = {}
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     held = _ggml_blocks(model)
+    experts: dict[str, dict[int, tuple[np.ndarray, str]]] = {}
     for key, data in _float_weights(model).items():
+        expert = expert_slice(key, spec)
+        if expert is not None:
+            experts.setdefault(expert[0], {})[expert[1]] = (data, expert[2])
+            continue
         named = gguf_name(key, spec, tied)
         if named is None:
             continue
@@ -76,7 +82,20 @@ def gguf_tensors(model: torch.nn.Module) -> list[GGUFTensor]:
             data = _permute(data, *heads)
             blocks = None if blocks is None else _permute(blocks, *heads)
         out[name] = GGUFTensor(name, module, data, blocks, btype)
+    for name, slices in experts.items():
+        out[name] = _stacked(name, [slices[e] for e in sorted(slices)], held)
     return [out[k] for k in sorted(out, key=gguf_order)]
+
+
+def _stacked(name: str, slices: list[tuple[np.ndarray, str]], held: dict) -> GGUFTensor:
+    """One projection of every expert as a 3-D GGUF tensor (experts × rows × cols); GGML bytes a
+    q2lab checkpoint holds are stacked too when every expert has them in one type."""
+    data = np.stack([d for d, _ in slices])
+    kept = [held.get(module) for _, module in slices]
+    blocks = btype = None
+    if all(k is not None for k in kept) and len({k[1] for k in kept}) == 1:
+        blocks, btype = np.stack([k[0] for k in kept]), kept[0][1]
+    return GGUFTensor(name, "", data, blocks, btype)
 
 
 def _float_weights(model: torch.nn.Module) -> dict[str, np.ndarray]:
@@ -137,6 +156,11 @@ def export_gguf(
     import gguf
 
     tensors = gguf_tensors(loaded.model)
+    if imatrix is not None and arch_spec(loaded.model).experts:
+        raise ConfigError(
+            "an importance matrix for a mixture of experts' 3-D expert tensors is not written yet: "
+            "export this model without --imatrix (file types that need one, IQ2_*, are not available)"
+        )
     named_shapes = [(t.name, tuple(t.data.shape)) for t in tensors]
     plan = plan_for(loaded.model, file_type, named_shapes, imatrix is not None and len(imatrix) > 0)
     _check_imatrix(plan, imatrix)
@@ -166,13 +190,22 @@ def export_gguf(
 
 
 def _check_imatrix(plan: FilePlan, imatrix: Imatrix | None) -> None:
+    """Every tensor whose type needs an importance matrix has one (expert tensors never do yet)."""
     from q2lab.quant.ggml.types import ggml_type
 
-    for t in plan.tensors:
-        if t.type in ("F32", "F16") or not ggml_type(t.type).requires_imatrix:
-            continue
-        if t.name in ("token_embd.weight", "output.weight"):
-            continue
+    needing = [
+        t
+        for t in plan.tensors
+        if t.type not in ("F32", "F16")
+        and ggml_type(t.type).requires_imatrix
+        and t.name not in ("token_embd.weight", "output.weight")
+    ]
+    for t in sorted(needing, key=lambda t: "_exps." not in t.name):  # the expert refusal first
+        if "_exps." in t.name:
+            raise ConfigError(
+                f"{plan.file_type} puts the expert tensor {t.name} in {t.type}, which needs an importance "
+                "matrix; q2lab does not write one for expert tensors yet: pick a K or legacy file type"
+            )
         if imatrix is None or imatrix.get(t.name) is None:
             raise ConfigError(
                 f"{plan.file_type} puts {t.name} in {t.type}, which needs an importance matrix "
@@ -202,6 +235,8 @@ def _add_tensor(w, t: GGUFTensor, type_name: str, qw: np.ndarray | None) -> None
             )
         qw = None
     blocks = ggml_type(type_name).quantize_rows(data.reshape(-1, data.shape[-1]), qw)
+    # experts × rows × row bytes for a 3-D tensor: the writer reads the shape off the bytes
+    blocks = blocks.reshape(*data.shape[:-1], -1)
     w.add_tensor(t.name, blocks, raw_dtype=gguf.GGMLQuantizationType[type_name])
 
 
@@ -246,8 +281,8 @@ def _rope_theta(cfg, layer_type: str) -> float | None:
 
 
 def _metadata_from_config(loaded, w) -> None:
-    """Hyper-parameters (llama, mistral, gemma3, qwen2, qwen3, phi3) and a BPE ("gpt2") tokenizer
-    from transformers objects."""
+    """Hyper-parameters (llama, mistral, gemma3, qwen2, qwen3, phi3, mixtral, qwen3_moe) and a BPE
+    ("gpt2") tokenizer from transformers objects."""
     cfg = loaded.model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     w.add_name(loaded.info.name)
@@ -264,12 +299,34 @@ def _metadata_from_config(loaded, w) -> None:
     arch = arch_spec(loaded.model).gguf_arch
     if arch == "gemma3":
         _gemma3_metadata(cfg, head_dim, w)
-    if arch == "qwen3":  # head_dim is its own hyper-parameter there (128 on every Qwen3)
+    if arch in ("qwen3", "qwen3moe"):  # head_dim is its own hyper-parameter there (128 on every Qwen3)
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
+    if arch_spec(loaded.model).experts:
+        _moe_metadata(cfg, arch, w)
     # A Mistral's sliding window (v0.1: 4096) is not written: llama.cpp's converter drops it too,
     # so the file equals the model on contexts up to the window.
     _tokenizer_metadata(loaded, w)
+
+
+def _moe_metadata(cfg, arch: str, w) -> None:
+    """Expert counts (and Qwen3-MoE's expert width).  llama.cpp's graphs for both renormalize the
+    chosen experts' softmax weights, so a Qwen3-MoE that does not cannot be expressed."""
+    from q2lab.quant.ggml.archs import n_experts
+
+    w.add_expert_count(n_experts(cfg))
+    w.add_expert_used_count(int(cfg.num_experts_per_tok))
+    if arch == "qwen3moe":
+        if not getattr(cfg, "norm_topk_prob", True):
+            raise ConfigError(
+                "llama.cpp's qwen3moe graph renormalizes the top-k expert weights; this model has "
+                "norm_topk_prob = false, which a GGUF cannot express"
+            )
+        if getattr(cfg, "mlp_only_layers", None) or getattr(cfg, "decoder_sparse_step", 1) != 1:
+            raise ConfigError(
+                "llama.cpp's qwen3moe graph has experts in every layer; this model has dense layers"
+            )
+        w.add_expert_feed_forward_length(int(cfg.moe_intermediate_size))
 
 
 def _gemma3_metadata(cfg, head_dim: int, w) -> None:
@@ -310,7 +367,9 @@ def _tokenizer_metadata(loaded, w) -> None:
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
     w.add_tokenizer_model("gpt2")
     # llama.cpp's pre-tokenizer regex: Qwen2's splits digits one by one, the default does not
-    w.add_tokenizer_pre("qwen2" if arch_spec(loaded.model).gguf_arch in ("qwen2", "qwen3") else "default")
+    w.add_tokenizer_pre(
+        "qwen2" if arch_spec(loaded.model).gguf_arch in ("qwen2", "qwen3", "qwen3moe") else "default"
+    )
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)

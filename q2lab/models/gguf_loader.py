@@ -84,8 +84,8 @@ def _convert(path: Path, out: Path, digest: str, streamed: bool | None = None) -
         raise ModelError(f"transformers cannot read GGUF {path} (architecture {arch}): {e}") from e
     from q2lab.quant.ggml.archs import ARCHS
 
-    if streamed is None:
-        streamed = config.model_type in ARCHS
+    if streamed is None:  # experts' 3-D tensors: transformers' own conversion splits them
+        streamed = config.model_type in ARCHS and not ARCHS[config.model_type].experts
     with atomic_path(out, is_dir=True) as tmp:
         if streamed:
             _convert_tensors(path, tmp, config)

@@ -46,12 +46,10 @@ LINEARS = {
     "qwen3_moe": ATTN | EXPERTS,
 }
 # (method, arch) → the one-line error that stops it there (checked, so support arriving shows up):
-# llama.cpp's file types need a GGUF architecture (not exported for MoE models).  The rotations
-# (QuaRot, SpinQuant) run on every architecture here: Phi-3's fused projections and the MoE
-# routers and experts have their own norm plans.
-UNSUPPORTED: dict[tuple[str, str], tuple[type[Exception], str]] = {
-    **{("llamacpp", a): (ConfigError, f"this one is '{a}'") for a in ("mixtral", "qwen3_moe")},
-}
+# Every method runs on every architecture here (the rotations through their own norm plans for
+# Phi-3's fused projections and MoE routers and experts; llama.cpp's file types with experts
+# stacked into 3-D tensors as llama.cpp stores them).
+UNSUPPORTED: dict[tuple[str, str], tuple[type[Exception], str]] = {}
 
 
 def tiny(arch: str, **extra):
@@ -162,14 +160,16 @@ def test_every_method_round_trips_a_checkpoint(arch, name, tmp_path, stores):
 
 
 @needs_llamacpp
-@pytest.mark.parametrize("arch", ["mistral", "qwen3", "phi3"])
+@pytest.mark.parametrize("arch", ["mistral", "qwen3", "phi3", "mixtral", "qwen3_moe"])
 def test_gguf_export_runs_in_llamacpp(arch, tmp_path):
     """llama.cpp's graph for the architecture on our F32 file gives the model's logits, and our
     Q4_K_M file is byte-equal to llama-quantize's quantization of that F32 file."""
     from q2lab.export.gguf import differing_tensors, export_gguf
     from q2lab.quant.ggml import llamacpp
 
-    extra = {"sliding_window": None} if arch == "mistral" else {}  # llama.cpp's llama graph has none
+    # llama.cpp's llama graph has no sliding window; its qwen3moe graph renormalizes the top-k weights
+    extra = {"sliding_window": None} if arch in ("mistral", "mixtral") else {}
+    extra |= {"norm_topk_prob": True} if arch == "qwen3_moe" else {}
     lm = tiny(arch, num_hidden_layers=2, **extra)
     # llama.cpp sets token attributes of "<unk>", "<s>", "<|endoftext|>" by name in models whose
     # general.name contains "phi3" (a real Phi-3 vocabulary has them; the tiny one does not)
@@ -186,9 +186,34 @@ def test_gguf_export_runs_in_llamacpp(arch, tmp_path):
     assert differing_tensors(ref, tmp_path / "q.gguf") == []
 
 
-def test_gguf_export_of_a_moe_model_names_the_supported_architectures(tmp_path):
+@needs_llamacpp
+@pytest.mark.parametrize("file_type", ["Q2_K", "Q3_K_L", "Q4_K_M"])
+def test_gguf_recipe_of_an_eight_expert_model_equals_llama_quantize(file_type, tmp_path):
+    """With 8 experts llama.cpp bumps attention K/V to Q8_0 and (for most file types) attention
+    output to Q5_K, and drops the dense output bumps: our file equals llama-quantize's."""
+    from q2lab.export.gguf import differing_tensors, export_gguf
+    from q2lab.quant.ggml import llamacpp
+
+    lm = tiny("mixtral", num_hidden_layers=2, num_local_experts=8, sliding_window=None)
+    lm.info.name = "tiny"
+    f32, ours, ref = tmp_path / "f.gguf", tmp_path / "q.gguf", tmp_path / "ref.gguf"
+    export_gguf(lm, f32, "F32")
+    llamacpp.quantize_file(f32, ref, file_type, nthread=1)
+    report = export_gguf(lm, ours, file_type)
+    assert differing_tensors(ref, ours) == []
+    types = {t["name"]: t["type"] for t in report["tensors"]}
+    assert types["blk.0.attn_v.weight"] == types["blk.0.attn_k.weight"] == "Q8_0"
+    assert types["blk.0.attn_output.weight"] == ("Q3_K" if file_type == "Q3_K_L" else "Q5_K")
+    assert types["blk.0.ffn_gate_inp.weight"] == "F32"
+
+
+def test_gguf_export_refuses_what_llamacpp_cannot_run(tmp_path):
     from q2lab.export.gguf import export_gguf
 
-    with pytest.raises(ConfigError, match=r"GGUF export supports .*mistral.*; this one is 'mixtral'"):
-        export_gguf(tiny("mixtral"), tmp_path / "m.gguf", "F32")
+    with pytest.raises(ConfigError, match=r"puts the expert tensor blk\.0\.ffn_\w+_exps\.weight in IQ2_XXS"):
+        export_gguf(tiny("mixtral", intermediate_size=256), tmp_path / "m.gguf", "IQ2_XXS")
+    with pytest.raises(ConfigError, match="norm_topk_prob = false, which a GGUF cannot express"):
+        export_gguf(tiny("qwen3_moe", norm_topk_prob=False), tmp_path / "m.gguf", "F32")
+    with pytest.raises(ConfigError, match=r"GGUF export supports .*mixtral.*; this one is 'gpt_neox'"):
+        export_gguf(make_tiny_model("gpt_neox"), tmp_path / "n.gguf", "F32")
     assert not any(tmp_path.iterdir())

@@ -6,7 +6,9 @@ norm offset (Gemma's ``1 + w`` is stored as such); :func:`gguf_name` is the one 
 transformers → GGUF tensor naming.  The ``llamacpp`` method (:mod:`.filetype`) applies
 :func:`model_plan` in place; the GGUF export (:mod:`q2lab.export.gguf`) writes files with the
 same names and plan, and ``load_into`` reads them back.  A new dense architecture is one entry
-here plus its metadata in the export.
+here plus its metadata in the export; a mixture of experts (Mixtral as llama.cpp's ``llama``,
+Qwen3-MoE as ``qwen3moe``) stacks each projection of its experts into one 3-D tensor
+(:func:`expert_slice`).
 """
 
 from __future__ import annotations
@@ -56,6 +58,15 @@ _PHI3_BLOCK_NAMES = {  # Phi-3 fuses Q/K/V and gate/up: llama.cpp splits them th
     "mlp.gate_up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
 }
+# Mixtures of experts: the router reads the FFN norm's output (kept float by llama.cpp), and each
+# projection of every expert is one slice of a 3-D tensor (experts × rows × cols).
+_MOE_NAMES = {k: v for k, v in _BLOCK_NAMES.items() if not k.startswith("mlp.")} | {
+    "mlp.gate.weight": "ffn_gate_inp.weight",
+}
+_QWEN3_MOE_NAMES = {k: v for k, v in _QWEN3_BLOCK_NAMES.items() if not k.startswith("mlp.")} | {
+    "mlp.gate.weight": "ffn_gate_inp.weight",
+}
+_EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
 
 
@@ -67,6 +78,7 @@ class ArchSpec:
     block_names: dict[str, str]
     permute_qk: bool  # llama.cpp's "normal" rope wants interleaved Q/K rows; NeoX-rope archs do not
     norm_offset: float  # stored norm = HF weight + offset (Gemma multiplies by 1 + w)
+    experts: bool = False  # per-expert linears stacked into ffn_{gate,up,down}_exps
 
 
 ARCHS = {
@@ -76,6 +88,8 @@ ARCHS = {
     "mistral": ArchSpec("llama", _BLOCK_NAMES, True, 0.0),  # llama.cpp runs Mistral as llama
     "qwen3": ArchSpec("qwen3", _QWEN3_BLOCK_NAMES, False, 0.0),
     "phi3": ArchSpec("phi3", _PHI3_BLOCK_NAMES, False, 0.0),
+    "mixtral": ArchSpec("llama", _MOE_NAMES, True, 0.0, experts=True),  # llama.cpp's llama with experts
+    "qwen3_moe": ArchSpec("qwen3moe", _QWEN3_MOE_NAMES, False, 0.0, experts=True),
 }
 SUPPORTED_ARCHS = tuple(ARCHS)
 
@@ -112,6 +126,16 @@ def gguf_name(key: str, spec: ArchSpec, tied: bool) -> tuple[str, str] | None:
     return f"blk.{int(m.group(1))}.{spec.block_names[local]}", module
 
 
+def expert_slice(key: str, spec: ArchSpec) -> tuple[str, int, str] | None:
+    """(GGUF name of the 3-D tensor, expert index, transformers module) when the state-dict
+    entry ``key`` is one expert's projection of a mixture-of-experts model, else None."""
+    m = _LAYER.match(key)
+    e = _EXPERT.match(m.group(2)) if m and spec.experts else None
+    if e is None:
+        return None
+    return f"blk.{int(m.group(1))}.ffn_{e.group(2)}_exps.weight", int(e.group(1)), key.rsplit(".", 1)[0]
+
+
 def hf_key(name: str, spec: ArchSpec) -> str:
     """The transformers state-dict key of GGUF tensor ``name``: the inverse of :func:`gguf_name`."""
     if name == "output.weight":
@@ -143,14 +167,22 @@ def model_plan(model: torch.nn.Module, file_type: str, has_imatrix: bool) -> tup
     and each linear's type by transformers module name (``model.layers.3.mlp.down_proj``)."""
     spec = arch_spec(model)
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    shapes: dict[str, tuple[tuple[int, ...], str]] = {}
+    shapes: dict[str, tuple[tuple[int, ...], list[str]]] = {}
     for key, value in model.state_dict().items():
-        named = gguf_name(key, spec, tied) if torch.is_floating_point(value) else None
+        if not torch.is_floating_point(value):
+            continue
+        expert = expert_slice(key, spec)
+        if expert is not None:  # one slice of a 3-D tensor: experts × rows × cols
+            name, _, module = expert
+            shape, modules = shapes.setdefault(name, ((0, *value.shape), []))
+            shapes[name] = ((shape[0] + 1, *shape[1:]), [*modules, module])
+            continue
+        named = gguf_name(key, spec, tied)
         if named is not None:
-            shapes[named[0]] = (tuple(value.shape), named[1])
+            shapes[named[0]] = (tuple(value.shape), [named[1]] if named[1] else [])
     order = sorted(shapes, key=gguf_order)
     plan = plan_for(model, file_type, [(name, shapes[name][0]) for name in order], has_imatrix)
-    return plan, {shapes[t.name][1]: t.type for t in plan.tensors if shapes[t.name][1]}
+    return plan, {module: t.type for t in plan.tensors for module in shapes[t.name][1]}
 
 
 def plan_for(
@@ -165,4 +197,10 @@ def plan_for(
         n_head_kv=cfg.num_key_value_heads,
         n_layer=cfg.num_hidden_layers,
         has_imatrix=has_imatrix,
+        n_expert=n_experts(cfg),
     )
+
+
+def n_experts(cfg) -> int:
+    """Experts per MoE layer (0 for a dense model), under either transformers name."""
+    return int(getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None) or 0)

@@ -168,8 +168,10 @@ def plan_file(
     n_head_kv: int,
     n_layer: int,
     has_imatrix: bool = False,
+    n_expert: int = 0,
 ) -> FilePlan:
-    """Per-tensor types of ``file_type`` for tensors given as (GGUF name, shape with ne0 last).
+    """Per-tensor types of ``file_type`` for tensors given as (GGUF name, shape with ne0 last);
+    ``n_expert`` > 0 for a mixture of experts (its rules for 4 and 8 experts).
 
     ``tensors`` must be in llama.cpp's order (non-block tensors, then block by block, names
     sorted): the attention-V counter that some rules read is incremented in that order.
@@ -197,6 +199,7 @@ def plan_file(
             continue
         cat = _category(name)
         new, why = _rule(ft, default, cat, shape[-1], tied, n_gqa, counters, n_attn_v, n_layer, has_imatrix)
+        new, why = _moe_rule(ft, new, why, cat, n_gqa, n_expert)
         if cat in counters:
             counters[cat] += 1
         new, fb = _fallback(new, shape[-1])
@@ -261,6 +264,35 @@ def _rule(ft, new, cat, ncols, tied, n_gqa, counters, n_attn_v, n_layer, has_ima
         bump = {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K"}.get(ft)
         return (bump, "attention output") if bump else (new, "")
     return new, ""
+
+
+def _moe_rule(ft: str, new: str, why: str, cat: str, n_gqa: int, n_expert: int) -> tuple[str, str]:
+    """What ``llama_tensor_get_type_impl`` changes for a mixture of experts, on top of the dense
+    rule: attention V/K and output bumped for 8 experts, IQ2 files' V for ≥ 4 experts."""
+    if n_expert < 2 or cat in ("output", "token_embd"):
+        return new, why
+    if ft in _IQ2_FILES:
+        if cat == "attn_v" and n_gqa < 4 and n_expert >= 4:
+            return "Q4_K", f"attention V of an IQ2 file ({n_expert} experts)"
+        if n_expert == 8 and cat == "attn_k":
+            return "Q4_K", "attention K of an IQ2 file (8 experts)"
+        if n_expert == 8 and cat == "attn_output":
+            return "Q5_K", "attention output of an IQ2 file (8 experts)"
+        return new, why
+    if n_expert == 8 and cat in ("attn_v", "attn_k"):
+        return "Q8_0", f"attention {cat[-1].upper()} (8 experts)"
+    if n_expert == 8 and cat == "attn_output":
+        if ft in ("Q2_K", "Q3_K_S", "Q3_K_M", "IQ4_NL", "Q4_K_S", "Q4_K_M", "IQ4_XS"):
+            return "Q5_K", "attention output (8 experts)"
+        return _undo_dense_output_bump(ft, new, why)
+    return new, why
+
+
+def _undo_dense_output_bump(ft: str, new: str, why: str) -> tuple[str, str]:
+    """With 8 experts llama.cpp skips the dense attention-output bumps (Q3_K_L's Q5_K among them)."""
+    if why == "attention output":
+        return DEFAULT_TYPE[ft], ""
+    return new, why
 
 
 def _fallback(type_name: str, ncols: int) -> tuple[str, str]:
