@@ -38,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -198,26 +199,30 @@ def _log_probs(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def kld_probes(model: nn.Module, store: Any, rule: Rule, windows: torch.Tensor) -> dict[str, float]:
+def kld_probes(
+    model: nn.Module, store: Any, rule: Rule, windows: torch.Tensor, blocks: Sequence[int] | None = None
+) -> dict[str, float]:
     """The model's KLD to itself with one decoder linear at a time quantized by ``rule`` (the rest
     float), on ``windows``: how much the network amplifies each layer's error, which the local
-    proxy cannot see (an early block's error passes through every later one).  Cached per
-    (store, candidate, windows)."""
+    proxy cannot see (an early block's error passes through every later one).  ``blocks`` limits
+    the probes to those decoder blocks (``docs/results/budget/ranking.py`` probes five on test
+    windows to check this very ranking).  Cached per (store, candidate, windows)."""
     from q2lab.models.arch import find_decoder
     from q2lab.quant.model import input_groups
 
     path = _probe_file(store, rule, windows)
     layout = find_decoder(model)
-    names = [layout.full_name(b, n) for b in range(len(layout)) for n in layout.block_linears(b)]
+    chosen = list(range(len(layout)) if blocks is None else blocks)
+    names = [layout.full_name(b, n) for b in chosen for n in layout.block_linears(b)]
     cached = json.loads(path.read_text()) if path.exists() else {}
-    if set(cached) == set(names):
-        return cached
+    if set(names) <= set(cached):
+        return {n: cached[n] for n in names}
     device = next(model.parameters()).device
     x = windows.to(device)
     ref = _log_probs(model, x)
     p = ref.exp()
     out: dict[str, float] = {}
-    for b in progress(range(len(layout)), f"auto: KLD probes, {label(rule)}", len(layout), unit="block"):
+    for b in progress(chosen, f"auto: KLD probes, {label(rule)}", len(chosen), unit="block"):
         linears = layout.block_linears(b)
         for group in input_groups(layout, b, linears, store):
             hessian = store.hessian(layout.full_name(b, group[0]))
@@ -229,7 +234,7 @@ def kld_probes(model: nn.Module, store: Any, rule: Rule, windows: torch.Tensor) 
                 lp = _log_probs(model, x)
                 linear.weight.data = saved
                 out[layout.full_name(b, n)] = float(kl_per_token(ref, lp, p).mean())
-    write_json_atomic(path, out)
+    write_json_atomic(path, cached | out)
     return out
 
 

@@ -180,6 +180,12 @@ def test_kld_probes_measure_one_linear_at_a_time(setup, monkeypatch, tmp_path):
         linear.weight.data = saved
     oracle = F.kl_div(lp.reshape(-1, vocab), ref.reshape(-1, vocab), log_target=True, reduction="batchmean")
     assert probes[name] == pytest.approx(float(oracle), rel=1e-4)
+    other = torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(1))
+    some = auto_mod.kld_probes(lm.model, setup, rule, other, blocks=[1])  # only block 1's linears
+    assert set(some) == {layout.full_name(1, n) for n in layout.block_linears(1)}
+    full = auto_mod.kld_probes(lm.model, setup, rule, other)  # the rest joins the same cache file
+    assert len(full) == len(probes) and all(full[n] == v for n, v in some.items())
+    assert auto_mod.kld_probes(lm.model, setup, rule, other, blocks=[1]) == some  # read back
 
     table = {"a": [(2, 4.0), (4, 1.0), (16, 0.0)], "b": [(2, 2.0), (4, 0.5), (16, 0.0)]}
     scaled = auto_mod.probe_scaled(table, {"a": 0.1, "b": 0.3}, 0)

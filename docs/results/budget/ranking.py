@@ -33,7 +33,6 @@ import torch
 from q2lab.api import calibrate
 from q2lab.calib.store import calibration_windows
 from q2lab.data.text import corpus_windows, load_corpus
-from q2lab.eval.likelihood import kl_per_token
 from q2lab.models import load_model
 from q2lab.models.arch import find_decoder
 from q2lab.quant.auto import PROBE_CTX, kld_probes, probe_scaled, sensitivity
@@ -90,26 +89,14 @@ def cells_data(rows: list[dict], model, store, windows, tables: dict) -> list[di
     return out
 
 
-@torch.no_grad()
-def probes_data(loaded, store, table, calib_probes: dict[str, float]) -> list[dict]:
-    """Per probed linear: its 2-bit proxy and the model's KLD with only that linear at 2 bits."""
-    model = loaded.model
-    layout = find_decoder(model)
+def probes_data(loaded, store, table, rule, calib_probes: dict[str, float]) -> list[dict]:
+    """Per probed linear: its 2-bit proxy, ``auto``'s probe of it and the model's KLD with only
+    that linear at 2 bits on *test* windows (``auto``'s own probe loop, pointed at other windows)."""
     windows = corpus_windows(loaded, load_corpus("wikitext2", role="eval"), PROBE_WINDOWS, 512)
-    ref = torch.log_softmax(model(input_ids=windows, use_cache=False).logits[:, :-1].float(), -1)
-    quip, cfg = get_quantizer("quip#"), make_config("quip#", {"bits": 2})
-    out = []
-    for b in PROBE_BLOCKS:
-        for n, linear in layout.block_linears(b).items():
-            full = layout.full_name(b, n)
-            w = linear.weight.data.clone()
-            qt = quip.quantize(w.float(), store.hessian(full), cfg)
-            linear.weight.data = qt.dequantize(torch.float32).to(w.dtype)
-            lp = torch.log_softmax(model(input_ids=windows, use_cache=False).logits[:, :-1].float(), -1)
-            linear.weight.data = w
-            kld = float(kl_per_token(ref, lp).mean())
-            out.append({"linear": full, "proxy": table[full][0][1], "probe": calib_probes[full], "kld": kld})
-    return out
+    test = kld_probes(loaded.model, store, rule, windows, blocks=PROBE_BLOCKS)
+    return [
+        {"linear": n, "proxy": table[n][0][1], "probe": calib_probes[n], "kld": k} for n, k in test.items()
+    ]
 
 
 CANDIDATES_BITS = [c["bits"] for c in CANDIDATES]
@@ -164,7 +151,7 @@ def main(results: str) -> None:
     calib_probes = kld_probes(loaded.model, store, rules[0], windows(2, PROBE_CTX))  # auto's cache
     tables = {"proxy": table, "kld_probe": probe_scaled(table, calib_probes, 0)}
     cells = cells_data(rows, loaded.model, store, windows, tables)
-    probes = probes_data(loaded, store, table, calib_probes)
+    probes = probes_data(loaded, store, table, rules[0], calib_probes)
     kld = [c["kld"] for c in cells]
     test = [p["kld"] for p in probes]
     data = {
