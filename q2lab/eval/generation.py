@@ -995,15 +995,17 @@ def _per_sample(
     samples: Sequence[GenSample],
     nll: Sequence[float | None] | None,
     langs: Sequence[str | None] | None,
+    what: str = "reference samples",
 ) -> tuple[list[float | None], list[str | None]]:
     """The reference NLLs and prompt languages as one list each, aligned with ``samples`` (None
-    where not given): the calibration helpers all take them optional and index them together."""
+    where not given): the calibration helpers and the judge all take them optional and index
+    them together."""
     n = len(samples)
     nll_list = list(nll) if nll is not None else [None] * n
     lang_list = list(langs) if langs is not None else [None] * n
     if len(nll_list) != n or len(lang_list) != n:
         raise ShapeError(
-            f"{len(nll_list)} reference NLLs and {len(lang_list)} prompt languages for {n} reference samples"
+            f"{len(nll_list)} reference NLLs and {len(lang_list)} prompt languages for {n} {what}"
         )
     return nll_list, lang_list
 
@@ -1240,7 +1242,7 @@ def collapse_records(
     judges = [thresholds_for(thresholds, s) for s in cand_samples]
     if prompt_set is not None and prompt_set.prompts != tuple(s.prompt for s in cand_samples):
         raise ConfigError(f"the samples were not generated from prompt set {prompt_set.describe()}")
-    nll, langs = _per_sample(cand_samples, ref_nll, prompt_langs(prompt_set))
+    nll, langs = _per_sample(cand_samples, ref_nll, prompt_langs(prompt_set), "candidate samples")
     metrics = _metrics(cand_samples, nll, langs)
     verdicts = [is_collapsed(m, t) for m, t in zip(metrics, judges)]
     details = _details(cand_samples, thresholds, verdicts, prompt_set)

@@ -296,13 +296,14 @@ def _metadata_from_config(loaded, w) -> None:
     w.add_rope_freq_base(float(_rope_theta(cfg, "full_attention") or 10000.0))
     w.add_rope_dimension_count(head_dim)
     w.add_vocab_size(cfg.vocab_size)
-    arch = arch_spec(loaded.model).gguf_arch
+    spec = arch_spec(loaded.model)
+    arch = spec.gguf_arch
     if arch == "gemma3":
         _gemma3_metadata(cfg, head_dim, w)
     if arch in ("qwen3", "qwen3moe"):  # head_dim is its own hyper-parameter there (128 on every Qwen3)
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
-    if arch_spec(loaded.model).experts:
+    if spec.experts:
         _moe_metadata(cfg, arch, w)
     # A Mistral's sliding window (v0.1: 4096) is not written: llama.cpp's converter drops it too,
     # so the file equals the model on contexts up to the window.

@@ -61,6 +61,13 @@ class DecoderLayout:
         return f"{self.layers_path}.{i}.{linear}"
 
 
+def text_config(model: nn.Module):
+    """The decoder's own config (a multimodal wrapper's text part; the config itself otherwise):
+    where head counts, head size and layer types are read."""
+    config = model.config
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
 def _linear_names(block: nn.Module) -> tuple[str, ...]:
     return tuple(
         n for n, m in block.named_modules() if isinstance(m, nn.Linear) and not FLOAT_LINEARS.search(n)

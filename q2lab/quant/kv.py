@@ -23,22 +23,30 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from q2lab.errors import ConfigError
+from q2lab.models.arch import text_config
 from q2lab.quant import uniform
 from q2lab.utils.packing import packed_nbytes
 
 KV_BITS = (2, 3, 4, 8)
+
+
+class _Backend(NamedTuple):
+    bits: tuple[int, ...]  # the bit widths it implements
+    package: str | None  # what `pip install` needs (None: q2lab's own)
+    module: str | None  # the import that shows the package is there
+
+
 # The caches a task can decode through: q2lab's own, and transformers' ``QuantizedCache`` with its
-# two backends as peers (the same KIVI layout: keys per channel, values per token, a float
-# window), each with the bit widths it implements and the package it needs.
-KV_BACKENDS: dict[str, tuple[tuple[int, ...], str | None]] = {
-    "q2lab": (KV_BITS, None),
-    "quanto": ((2, 4), "optimum-quanto"),
-    "hqq": ((1, 2, 3, 4, 8), "hqq"),
+# two backends as peers (the same KIVI layout: keys per channel, values per token, a float window).
+KV_BACKENDS: dict[str, _Backend] = {
+    "q2lab": _Backend(KV_BITS, None, None),
+    "quanto": _Backend((2, 4), "optimum-quanto", "optimum"),
+    "hqq": _Backend((1, 2, 3, 4, 8), "hqq", "hqq"),
 }
 
 
@@ -54,7 +62,7 @@ class KVConfig:
     def __post_init__(self) -> None:
         if self.backend not in KV_BACKENDS:
             raise ConfigError(f"unknown kv.backend {self.backend!r}; known: {', '.join(KV_BACKENDS)}")
-        allowed = KV_BACKENDS[self.backend][0]
+        allowed = KV_BACKENDS[self.backend].bits
         if isinstance(self.bits, bool) or self.bits not in allowed:
             raise ConfigError(
                 f"kv.bits must be one of {', '.join(map(str, allowed))} with backend {self.backend}, "
@@ -158,7 +166,7 @@ def kivi_cache(model: Any, cfg: KVConfig) -> Any:
         from transformers.cache_utils import Cache, QuantizedCache
     except ImportError as e:  # pragma: no cover - transformers is a dependency
         raise ConfigError(f"KV-cache quantization needs transformers' Cache ({e})") from e
-    text = _text_config(model)
+    text = text_config(model)
     kinds = set(getattr(text, "layer_types", None) or ["full_attention"])
     if kinds != {"full_attention"}:
         raise ConfigError(
@@ -178,15 +186,11 @@ def kivi_cache(model: Any, cfg: KVConfig) -> Any:
 
 
 def _require_backend(backend: str) -> None:
-    package = KV_BACKENDS[backend][1]
-    module = {"optimum-quanto": "optimum", "hqq": "hqq"}[package]
-    if importlib.util.find_spec(module) is None:
-        raise ConfigError(f"kv.backend {backend} needs the {package} package (pip install {package})")
-
-
-def _text_config(model: Any) -> Any:
-    config = model.config
-    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    spec = KV_BACKENDS[backend]
+    if importlib.util.find_spec(spec.module) is None:
+        raise ConfigError(
+            f"kv.backend {backend} needs the {spec.package} package (pip install {spec.package})"
+        )
 
 
 def float_bytes_per_token(model: Any) -> float:
@@ -194,7 +198,7 @@ def float_bytes_per_token(model: Any) -> float:
     model's dtype."""
     from q2lab.quant.quarot import head_dim_of
 
-    cfg = _text_config(model)
+    cfg = text_config(model)
     kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     dtype_bytes = next(model.parameters()).element_size()
     return float(2 * cfg.num_hidden_layers * kv_heads * head_dim_of(model) * dtype_bytes)

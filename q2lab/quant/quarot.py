@@ -21,6 +21,7 @@ import torch
 
 from q2lab.calib.derived import DerivedHessians
 from q2lab.errors import ConfigError
+from q2lab.models.arch import text_config
 from q2lab.quant.base import option, register
 from q2lab.quant.gptq import GPTQ, GPTQConfig
 from q2lab.transforms import rotate
@@ -61,7 +62,7 @@ def make_rotation(kind: str, n: int, seed: int) -> torch.Tensor:
 
 
 def head_dim_of(model: torch.nn.Module) -> int:
-    config = model.config.get_text_config()
+    config = text_config(model)
     hd = getattr(config, "head_dim", None)
     return int(hd) if hd else config.hidden_size // config.num_attention_heads
 
