@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from q2lab.errors import ConfigError, CorruptFileError, ModelError
+from q2lab.models.arch import head_dim as attention_head_dim
 from q2lab.quant.ggml.archs import (
     arch_spec,
     expert_slice,
@@ -284,7 +285,7 @@ def _metadata_from_config(loaded, w) -> None:
     """Hyper-parameters (llama, mistral, gemma3, qwen2, qwen3, phi3, mixtral, qwen3_moe) and a BPE
     ("gpt2") tokenizer from transformers objects."""
     cfg = loaded.model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    head_dim = attention_head_dim(cfg)
     w.add_name(loaded.info.name)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)

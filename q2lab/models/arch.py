@@ -68,6 +68,18 @@ def text_config(model: nn.Module):
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
 
+def head_dim(config) -> int:
+    """Size of one attention head: the config's ``head_dim`` where it states one (Gemma's is not
+    hidden / heads), the even split of the hidden size otherwise."""
+    hd = getattr(config, "head_dim", None)
+    return int(hd) if hd else config.hidden_size // config.num_attention_heads
+
+
+def head_dim_of(model: nn.Module) -> int:
+    """:func:`head_dim` of a model's decoder config."""
+    return head_dim(text_config(model))
+
+
 def _linear_names(block: nn.Module) -> tuple[str, ...]:
     return tuple(
         n for n, m in block.named_modules() if isinstance(m, nn.Linear) and not FLOAT_LINEARS.search(n)

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import torch
 
 from q2lab.errors import ConfigError
-from q2lab.models.arch import text_config
+from q2lab.models.arch import head_dim_of, text_config
 from q2lab.quant import uniform
 from q2lab.utils.packing import packed_nbytes
 
@@ -196,8 +196,6 @@ def _require_backend(backend: str) -> None:
 def float_bytes_per_token(model: Any) -> float:
     """What an unquantized cache holds per token: keys and values of every layer, in the
     model's dtype."""
-    from q2lab.quant.quarot import head_dim_of
-
     cfg = text_config(model)
     kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     dtype_bytes = next(model.parameters()).element_size()

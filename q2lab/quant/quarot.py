@@ -21,7 +21,7 @@ import torch
 
 from q2lab.calib.derived import DerivedHessians
 from q2lab.errors import ConfigError
-from q2lab.models.arch import text_config
+from q2lab.models.arch import head_dim_of
 from q2lab.quant.base import option, register
 from q2lab.quant.gptq import GPTQ, GPTQConfig
 from q2lab.transforms import rotate
@@ -59,12 +59,6 @@ def make_rotation(kind: str, n: int, seed: int) -> torch.Tensor:
     if kind == "identity":
         return torch.eye(n, dtype=torch.float64)
     return rotate.random_hadamard(n, seed) if kind == "hadamard" else rotate.random_orthogonal(n, seed)
-
-
-def head_dim_of(model: torch.nn.Module) -> int:
-    config = text_config(model)
-    hd = getattr(config, "head_dim", None)
-    return int(hd) if hd else config.hidden_size // config.num_attention_heads
 
 
 def rotated_store(store: Any, done: rotate.Rotated) -> DerivedHessians:

@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from q2lab.quant.quarot import head_dim_of
+from q2lab.models.arch import head_dim_of
 from q2lab.transforms import rotate
 
 pytestmark = pytest.mark.integration
