@@ -80,6 +80,12 @@ def head_dim_of(model: nn.Module) -> int:
     return head_dim(text_config(model))
 
 
+def kv_head_count(config) -> int | None:
+    """Key/value heads: ``num_key_value_heads`` under grouped-query attention, every attention head
+    otherwise (configs that predate GQA state none); None where the config names neither."""
+    return getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", None)
+
+
 def _linear_names(block: nn.Module) -> tuple[str, ...]:
     return tuple(
         n for n, m in block.named_modules() if isinstance(m, nn.Linear) and not FLOAT_LINEARS.search(n)

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import torch
 
 from q2lab.errors import ConfigError
-from q2lab.models.arch import head_dim_of, text_config
+from q2lab.models.arch import head_dim_of, kv_head_count, text_config
 from q2lab.quant import uniform
 from q2lab.utils.packing import packed_nbytes
 
@@ -197,9 +197,8 @@ def float_bytes_per_token(model: Any) -> float:
     """What an unquantized cache holds per token: keys and values of every layer, in the
     model's dtype."""
     cfg = text_config(model)
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     dtype_bytes = next(model.parameters()).element_size()
-    return float(2 * cfg.num_hidden_layers * kv_heads * head_dim_of(model) * dtype_bytes)
+    return float(2 * cfg.num_hidden_layers * kv_head_count(cfg) * head_dim_of(model) * dtype_bytes)
 
 
 def cache_nbytes(cache: Any) -> int:

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from q2lab.errors import ModelError, ShapeError
-from q2lab.models.arch import find_decoder, text_config
+from q2lab.models.arch import find_decoder, kv_head_count, text_config
 from q2lab.transforms.hadamard import factor, hadamard_matrix, random_signs
 
 
@@ -307,8 +307,7 @@ def value_heads(model: nn.Module, block: nn.Module, value: str) -> tuple[int, in
     attn = block.get_submodule(value.rsplit(".", 1)[0])
     v = block.get_submodule(value)
     hd = getattr(attn, "head_dim", None)
-    text = text_config(model)
-    kv_heads = getattr(text, "num_key_value_heads", None) or getattr(text, "num_attention_heads", None)
+    kv_heads = kv_head_count(text_config(model))
     if not isinstance(hd, int) or not isinstance(kv_heads, int) or kv_heads * hd > v.out_features:
         raise ModelError(
             f"cannot rotate value heads: head_dim {hd!r} × {kv_heads!r} KV heads does not fit {value}'s "
