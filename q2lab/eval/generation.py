@@ -912,6 +912,9 @@ THRESHOLD_BOUNDS: dict[str, _Bound] = {
 #: nothing is left out (the worst value is used, as before).
 IGNORE_WORST = 0.05
 
+#: Prompts listed by name in the "reference itself collapses" warning; the rest are counted.
+WARN_SHOWN = 5
+
 
 @dataclass(frozen=True)
 class CollapseThresholds:
@@ -1132,12 +1135,25 @@ def _warn_if_reference_collapses(
     verdicts = [is_collapsed(m, thresholds) for m in metrics]
     bad = [(i, reasons) for i, (hit, reasons) in enumerate(verdicts) if hit]
     if len(bad) > allowed:
-        listed = "; ".join(f"prompt {i}: {', '.join(r)}" for i, r in bad)
         warnings.warn(
-            f"the reference itself collapses on {len(bad)} of {len(metrics)} prompts ({listed}); "
-            "those prompts cannot show a candidate's collapse",
+            f"the reference itself collapses on {len(bad)} of {len(metrics)} prompts "
+            f"({_summarize_collapses(bad)}); those prompts cannot show a candidate's collapse",
             stacklevel=3,
         )
+
+
+def _summarize_collapses(bad: list[tuple[int, list[str]]], shown: int = WARN_SHOWN) -> str:
+    """Prompts per reason family, then the first ``shown`` prompts with their reasons: a
+    saturated reference (a base model looping on 190 of 225 requests) must give one readable
+    line, not every prompt's reasons."""
+    families: dict[str, int] = {}
+    for _, reasons in bad:
+        for fam in dict.fromkeys(r.split(":", 1)[0] for r in reasons):
+            families[fam] = families.get(fam, 0) + 1
+    counts = ", ".join(f"{fam} {n}" for fam, n in sorted(families.items(), key=lambda kv: -kv[1]))
+    listed = "; ".join(f"prompt {i}: {', '.join(r)}" for i, r in bad[:shown])
+    more = f"; {len(bad) - shown} more" if len(bad) > shown else ""
+    return f"{counts}; {listed}{more}"
 
 
 def is_collapsed(metrics: GenMetrics, thresholds: CollapseThresholds) -> tuple[bool, list[str]]:

@@ -356,6 +356,19 @@ def test_calibration_leaves_out_the_worst_five_percent_of_a_large_reference():
         CollapseThresholds.from_reference([*healthy, *loops, loops[0]])
 
 
+def test_saturated_reference_warning_is_one_bounded_line():
+    """A reference that loops on most prompts is summarized: counts per reason family and the
+    first prompts by name, not every prompt's reasons (a 225-prompt base-model run printed
+    tens of kilobytes)."""
+    loops = [sample("he jumped out of the window . " * 9, prompt=f"loop{i}") for i in range(30)]
+    with pytest.warns(UserWarning) as caught:
+        CollapseThresholds.from_reference([*reference_samples(), *loops], ignore=0.0)
+    (msg,) = [str(w.message) for w in caught if "reference itself collapses" in str(w.message)]
+    assert "collapses on 30 of 34 prompts" in msg and "loop 30" in msg
+    assert msg.count("prompt ") == gen.WARN_SHOWN and "; 25 more)" in msg
+    assert len(msg) < 2000
+
+
 def test_thresholds_per_generation_length():
     """Each length is judged against the reference's samples of that length."""
     short = [sample(words(p)[:40], max_new=48, prompt=f"s{i}") for i, p in enumerate(PARAGRAPHS)]
