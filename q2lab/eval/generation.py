@@ -1146,11 +1146,8 @@ def _summarize_collapses(bad: list[tuple[int, list[str]]], shown: int = WARN_SHO
     """Prompts per reason family, then the first ``shown`` prompts with their reasons: a
     saturated reference (a base model looping on 190 of 225 requests) must give one readable
     line, not every prompt's reasons."""
-    families: dict[str, int] = {}
-    for _, reasons in bad:
-        for fam in dict.fromkeys(r.split(":", 1)[0] for r in reasons):
-            families[fam] = families.get(fam, 0) + 1
-    counts = ", ".join(f"{fam} {n}" for fam, n in sorted(families.items(), key=lambda kv: -kv[1]))
+    families = sorted(reason_counts(bad).items(), key=lambda kv: -kv[1])
+    counts = ", ".join(f"{fam} {n}" for fam, n in families)
     listed = "; ".join(f"prompt {i}: {', '.join(r)}" for i, r in bad[:shown])
     more = f"; {len(bad) - shown} more" if len(bad) > shown else ""
     return f"{counts}; {listed}{more}"
