@@ -43,18 +43,16 @@ def main(path: str) -> None:
 
 
 def by_language(by: dict, model: str) -> None:
-    """Each cell against the float model on each language's prompts alone (the suite is rebuilt
-    from $Q2LAB_DATA for the prompts' languages, and must hash as the records say)."""
-    from q2lab.eval.generation import load_prompts
+    """Each cell against the float model on each language's prompts alone (the scored prompts
+    are rebuilt from $Q2LAB_DATA for their languages, and must hash as the records say)."""
+    from q2lab.eval.kinds.gen import _selected
+    from q2lab.eval.tasks import TaskSpec
 
     ref = by.get((model, f"{model}/fp", TASK, "collapse_rate"))
     if ref is None:
         return
-    suite = load_prompts("chat_suite")
-    if ref["details"]["prompts"].get("n", len(suite.meta)) != len(suite.meta):
-        # a sampled run (`sample:`) scores a subset: its per-group counts are in the report
-        print(f"({model}: the records score a sample of the suite; per-language counts are in the report)\n")
-        return
+    # the prompts the task scored, selected as the task selects them (its limit and seeded sample)
+    suite = _selected(TaskSpec(**ref["task_settings"]))
     if ref["details"]["prompts"]["suite_sha256"] != suite.sha256:
         raise SystemExit("the records were not generated from this chat suite")
     langs = [m["lang"] for m in suite.meta]
